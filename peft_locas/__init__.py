@@ -1,0 +1,15 @@
+"""Locas parametric memories for Hugging Face PEFT.
+
+Importing this package registers the ``LOCAS`` PEFT type, so ``get_peft_model``, ``PeftModel.from_pretrained``,
+``PeftConfig.from_pretrained`` and ``AutoPeftModel*`` handle Locas adapters like any built-in method.
+"""
+
+from .config import LocasConfig
+from .layer import LocasLayer
+from .model import LocasModel
+from .registration import LOCAS_PEFT_TYPE, register_locas
+
+__version__ = "0.1.0"
+__all__ = ["LOCAS_PEFT_TYPE", "LocasConfig", "LocasLayer", "LocasModel", "__version__"]
+
+register_locas(LocasConfig, LocasModel)

@@ -1,0 +1,173 @@
+"""``LocasModel``: the PEFT tuner that injects Locas memories into a model's MLP blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Optional
+
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft import NoMatchingPeftModuleError
+from torch import nn
+
+from .blocks import BlockKind, find_block_kind, supported_layouts
+from .config import LocasConfig
+from .export import make_block_widths_uniform
+from .initialization import check_cloning_width
+from .layer import LocasLayer
+from .registration import LOCAS_PREFIX
+
+
+def iter_mlp_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, BlockKind]]:
+    """Every MLP block of ``model`` Locas recognises, as ``(name, module, kind)``; a wrapped block is yielded as its
+    ``LocasLayer``. Nothing inside a yielded block is visited again."""
+    skip_prefix: Optional[str] = None
+    for name, module in model.named_modules():
+        if skip_prefix is not None and name.startswith(skip_prefix):
+            continue
+        block = module.get_base_layer() if isinstance(module, LocasLayer) else module
+        kind = find_block_kind(block)
+        if kind is not None:
+            skip_prefix = f"{name}."
+            yield name, module, kind
+
+
+class LocasModel(BaseTuner):
+    """Creates Locas memories (arXiv 2602.05085) beside the MLP blocks of a pretrained transformer.
+
+    Use it through PEFT: ``get_peft_model(model, LocasConfig(...))``. Besides PEFT's usual API (adapters, merging,
+    unloading) it offers :meth:`clip_memory_norms_` for training loops. ``merge_and_unload()`` returns a *vanilla*
+    model: the memory units are appended to the MLP weights, every block is padded with zero units to one common
+    width and the config's intermediate size is updated, so the result saves and loads with plain transformers.
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> import peft_locas
+        >>> model = get_peft_model(base_model, peft_locas.LocasConfig(r=64))  # doctest: +SKIP
+    """
+
+    prefix: str = LOCAS_PREFIX
+    tuner_layer_cls = LocasLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: LocasConfig, model_config: dict) -> LocasConfig:
+        # Targets are found from the model's structure in _prepare_model, not from a model-type table.
+        return peft_config
+
+    def _prepare_model(self, peft_config: LocasConfig, model: nn.Module) -> None:
+        blocks = [name for name, _, _ in iter_mlp_blocks(model)]
+        if peft_config.target_modules is None:
+            if not blocks:
+                raise ValueError(
+                    f"Locas found no MLP block in {type(model).__name__}. Recognised layouts: {supported_layouts()}. "
+                    "Pass `target_modules` naming the MLP blocks of your model."
+                )
+            peft_config.target_modules = {name.rsplit(".", 1)[-1] for name in blocks}
+        self._check_targets(peft_config, model, blocks)
+
+    def _check_targets(self, peft_config: LocasConfig, model: nn.Module, blocks: list[str]) -> None:
+        """Validate every matched module before anything is replaced, so a bad config leaves the model untouched."""
+        matched = 0
+        wrapped = {name for name, module in model.named_modules() if isinstance(module, LocasLayer)}
+        for name, module in model.named_modules():
+            if any(name.startswith(f"{w}.") for w in wrapped) or not _is_target(peft_config, name):
+                continue
+            block = module.get_base_layer() if isinstance(module, LocasLayer) else module
+            kind = find_block_kind(block)
+            if kind is None:
+                raise ValueError(
+                    f"Locas target {name!r} is a {type(module).__name__}, not an MLP block. Locas wraps whole MLP "
+                    f"blocks (such as '{blocks[0] if blocks else 'model.layers.0.mlp'}'), not single projections "
+                    f"like 'gate_proj'. Recognised layouts: {supported_layouts()}. Fix `target_modules`, or leave it "
+                    "None to wrap every MLP block."
+                )
+            if peft_config.variant not in ("auto", kind.variant):
+                raise ValueError(
+                    f"LocasConfig(variant={peft_config.variant!r}) does not fit {name!r}, a {kind.describe()} "
+                    f"block: the memory must have the block's form to share its activation and "
+                    f"merge exactly. Use variant={kind.variant!r} or 'auto'."
+                )
+            if peft_config.init_weights is True:
+                check_cloning_width(peft_config.r, kind.width(block))
+            matched += 1
+        if matched == 0:
+            raise NoMatchingPeftModuleError(
+                f"LocasConfig matched no MLP block (target_modules={peft_config.target_modules!r}, "
+                f"layers_to_transform={peft_config.layers_to_transform!r}, "
+                f"exclude_modules={peft_config.exclude_modules!r}). MLP blocks in this model: "
+                f"{_summarise(blocks)}."
+            )
+
+    def _create_and_replace(
+        self,
+        peft_config: LocasConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: object,
+    ) -> None:
+        if isinstance(target, LocasLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = LocasLayer(target, find_block_kind(target), adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(new_module, LocasLayer):
+            super()._replace_module(parent, child_name, new_module, child)
+        else:
+            # unloading puts the wrapped block back as it is; PEFT's version assumes a single-weight layer here
+            setattr(parent, child_name, new_module)
+
+    def clip_memory_norms_(self, adapter_names: Optional[list[str]] = None) -> None:
+        """Project every memory row onto the ball of radius ``max_norm`` of its adapter's config, in place.
+
+        Call it after each optimiser step (the paper's safeguard); adapters with ``max_norm=None`` are skipped.
+        Defaults to the active adapters.
+        """
+        for adapter_name in adapter_names or self.active_adapters:
+            max_norm = self.peft_config[adapter_name].max_norm
+            if max_norm is None:
+                continue
+            for module in self.model.modules():
+                if isinstance(module, LocasLayer) and adapter_name in module.locas_key:
+                    module.clip_memory_norms_(adapter_name, max_norm)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        base_widths = {
+            kind.width(module.get_base_layer() if isinstance(module, LocasLayer) else module)
+            for _, module, kind in iter_mlp_blocks(self.model)
+        }
+        if merge and len(base_widths) > 1:
+            raise ValueError(
+                f"Cannot merge and unload: this model's MLP blocks have different widths {sorted(base_widths)}, so "
+                "no single intermediate size describes the merged model. Use `merge_adapter()` to merge in place "
+                "and keep the Locas wrappers instead."
+            )
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        if merge:
+            make_block_widths_uniform(model, [(module, kind) for _, module, kind in iter_mlp_blocks(model)])
+        return model
+
+
+def _is_target(config: LocasConfig, name: str) -> bool:
+    # an excluded module comes back as a falsy marker object, so truthiness is the whole answer
+    return bool(check_target_module_exists(config, name))
+
+
+def _summarise(names: list[str], shown: int = 3) -> str:
+    if not names:
+        return "none"
+    more = f", ... ({len(names)} in total)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
