@@ -6,35 +6,29 @@ import warnings
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .blocks import BlockKind, Units
 from .config import LocasConfig
-from .initialization import auto_tau, clip_rows_, data_free_memory
+from .initialization import auto_tau, data_free_memory
+from .memory import LocasMemory
 
 
 class LocasLayer(nn.Module, BaseTunerLayer):
-    """A Locas memory beside one MLP block.
+    """The Locas memories (one per adapter) beside one MLP block.
 
-    Per adapter it holds the memory's ``gate`` (GLU only), ``key`` and ``value`` rows (one row per memory unit) and
-    the output scale ``tau``. The memory uses the block's own activation, so it *is* ``r`` extra units of the block:
-    :meth:`merge` appends them to the block's projections and :meth:`unmerge` drops them again, both exactly.
+    A memory uses the block's own activation, so it *is* ``r`` extra units of the block: :meth:`merge` appends them
+    to the block's projections and :meth:`unmerge` drops them again, both exactly.
     """
 
-    adapter_layer_names = ("locas_gate", "locas_key", "locas_value")
-    other_param_names = ("locas_tau",)
+    adapter_layer_names = ("locas_memory",)
 
     def __init__(self, base_layer: nn.Module, block_kind: BlockKind, adapter_name: str, config: LocasConfig) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.block_kind = block_kind
-        self.locas_gate = nn.ParameterDict()
-        self.locas_key = nn.ParameterDict()
-        self.locas_value = nn.ParameterDict()
-        self.locas_tau = BufferDict(persistent=True)
+        self.locas_memory = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._merged_widths: list[int] = []  # units appended by each merged adapter, in merge order
@@ -52,46 +46,22 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         tau = auto_tau(base_units, config.r) if config.tau == "auto" else float(config.tau)
         self.set_memory(adapter_name, memory, tau, dtype=base_units.key.dtype)
         if config.max_norm is not None:
-            self.clip_memory_norms_(adapter_name, config.max_norm)
+            self.locas_memory[adapter_name].clip_(config.max_norm)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def set_memory(self, adapter_name: str, memory: Units, tau: float, dtype: Optional[torch.dtype] = None) -> None:
-        """(Re)place the memory of ``adapter_name``: rows from ``memory`` (``value`` unscaled) and scale ``tau``.
+        """(Re)place the memory of ``adapter_name`` by ``memory`` (``value`` unscaled) with output scale ``tau``.
 
-        The width may differ from the current one (initialisers that grow or compress the memory use this).
+        The width may differ from the current one (initialisers that grow or compress a memory use this).
         """
         device = next(self.get_base_layer().parameters()).device
-        dtype = dtype or memory.key.dtype
-        for container, tensor in zip((self.locas_gate, self.locas_key, self.locas_value), memory):
-            if tensor is None:
-                if adapter_name in container:
-                    del container[adapter_name]
-            else:
-                container[adapter_name] = nn.Parameter(tensor.detach().to(device=device, dtype=dtype).contiguous())
-        self.locas_tau[adapter_name] = torch.tensor(float(tau), dtype=torch.float32, device=device)
-
-    def memory_units(self, adapter_name: str) -> Units:
-        """The memory as block units (``value`` already scaled by ``tau``): exactly what merging appends."""
-        tau = self.locas_tau[adapter_name]
-        value = self.locas_value[adapter_name] * tau.to(self.locas_value[adapter_name].dtype)
-        gate = self.locas_gate[adapter_name] if adapter_name in self.locas_gate else None
-        return Units(gate, self.locas_key[adapter_name], value)
-
-    def memory_width(self, adapter_name: str) -> int:
-        return self.locas_key[adapter_name].shape[0]
+        self.locas_memory[adapter_name] = LocasMemory(memory, tau, device=device, dtype=dtype or memory.key.dtype)
 
     def memory_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``tau * Mem(x)`` in the memory's dtype."""
-        key = self.locas_key[adapter_name]
-        x = self._cast_input_dtype(x, key.dtype)
-        activation = self.block_kind.activation(self.get_base_layer())
-        hidden = F.linear(x, key)
-        if adapter_name in self.locas_gate:
-            hidden = activation(F.linear(x, self.locas_gate[adapter_name])) * hidden
-        else:
-            hidden = activation(hidden)
-        hidden = hidden * self.locas_tau[adapter_name].to(hidden.dtype)
-        return hidden @ self.locas_value[adapter_name]
+        """``tau * Mem(x)`` of one adapter, computed in the memory's dtype."""
+        memory = self.locas_memory[adapter_name]
+        x = self._cast_input_dtype(x, memory.key.dtype)
+        return memory(x, self.block_kind.activation(self.get_base_layer()))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -102,21 +72,15 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         if self.merged:
             return result
         for adapter_name in self.active_adapters:
-            if adapter_name in self.locas_key:
+            if adapter_name in self.locas_memory:
                 result = result + self.memory_output(x, adapter_name).to(result.dtype)
         return result
-
-    def clip_memory_norms_(self, adapter_name: str, max_norm: float) -> None:
-        """Project each gate/key/value row of ``adapter_name`` onto the L2 ball of radius ``max_norm`` (in place)."""
-        for container in (self.locas_gate, self.locas_key, self.locas_value):
-            if adapter_name in container:
-                clip_rows_(container[adapter_name], max_norm)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Append the memory units of the active (or given) adapters to the wrapped block's projections.
 
         Args:
-            safe_merge: check the units for NaN/inf before touching the block, and raise instead of merging.
+            safe_merge: check the units for NaN/inf first, and raise without touching the block.
             adapter_names: adapters to merge; defaults to the active ones.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -124,10 +88,10 @@ class LocasLayer(nn.Module, BaseTunerLayer):
             return
         base = self.get_base_layer()
         for adapter_name in adapter_names:
-            if adapter_name not in self.locas_key:
+            if adapter_name not in self.locas_memory:
                 continue
             with torch.no_grad():
-                units = Units(*(None if t is None else t.detach() for t in self.memory_units(adapter_name)))
+                units = self.locas_memory[adapter_name].units()
             if safe_merge and not all(torch.isfinite(t).all() for t in units if t is not None):
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
@@ -148,12 +112,10 @@ class LocasLayer(nn.Module, BaseTunerLayer):
             self.block_kind.keep_first_units(base, self.block_kind.width(base) - appended)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        # Memories keep their own dtype (fp32 by default, see PEFT's autocast_adapter_dtype); only the device follows.
-        device = device or next(self.get_base_layer().parameters()).device
-        for name in self.adapter_layer_names + self.other_param_names:
-            container = getattr(self, name)
-            if adapter_name in container and container[adapter_name].device != torch.device("meta"):
-                container[adapter_name] = container[adapter_name].to(device)
+        # A memory keeps its own dtype (fp32 by default, see PEFT's autocast_adapter_dtype); only the device follows.
+        memory = self.locas_memory[adapter_name] if adapter_name in self.locas_memory else None
+        if memory is not None and not any(p.is_meta for p in memory.parameters()):
+            memory.to(device or next(self.get_base_layer().parameters()).device)
 
     def __repr__(self) -> str:
         return "locas." + super().__repr__()

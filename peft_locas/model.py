@@ -133,8 +133,8 @@ class LocasModel(BaseTuner):
             if max_norm is None:
                 continue
             for module in self.model.modules():
-                if isinstance(module, LocasLayer) and adapter_name in module.locas_key:
-                    module.clip_memory_norms_(adapter_name, max_norm)
+                if isinstance(module, LocasLayer) and adapter_name in module.locas_memory:
+                    module.locas_memory[adapter_name].clip_(max_norm)
 
     def _unload_and_optionally_merge(
         self,
