@@ -9,6 +9,11 @@ from .layer import LocasLayer
 from .model import LocasModel
 from .registration import LOCAS_PEFT_TYPE, register_locas
 
+try:  # quantized bases: registers bitsandbytes layers with peft_locas.projections
+    from . import bnb as _bnb  # noqa: F401
+except ImportError:  # bitsandbytes is optional at run time; without it, quantized layers are simply unknown
+    pass
+
 __version__ = "0.1.0"
 __all__ = ["LOCAS_PEFT_TYPE", "LocasConfig", "LocasLayer", "LocasModel", "__version__"]
 

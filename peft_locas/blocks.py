@@ -8,6 +8,7 @@ drop the last units. Each :class:`BlockKind` implements them for one layout.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Literal, NamedTuple, Optional
@@ -18,9 +19,13 @@ from torch import nn
 from .projections import (
     append_input_units,
     append_output_units,
+    can_rewrite,
+    is_quantized,
     keep_input_units,
     keep_output_units,
     read_projection,
+    snapshot_projection,
+    unit_granularity,
 )
 
 Variant = Literal["glu", "mlp"]
@@ -36,6 +41,11 @@ class Units(NamedTuple):
     gate: Optional[torch.Tensor]
     key: torch.Tensor
     value: torch.Tensor
+
+
+def zero_units(like: Units, count: int) -> Units:
+    """``count`` all-zero units shaped like ``like``: they contribute exactly zero to a block's output."""
+    return Units(*(None if t is None else t.new_zeros(count, t.shape[1]) for t in like))
 
 
 def is_projection(module: object) -> bool:
@@ -79,8 +89,59 @@ class BlockKind(ABC):
             self._keep_first_units(block, count)
         _sync_width_attribute(block, count)
 
+    @abstractmethod
+    def projections(self, block: nn.Module) -> tuple[nn.Module, ...]: ...
+
     def width(self, block: nn.Module) -> int:
         return self.read_units(block).key.shape[0]
+
+    def is_quantized(self, block: nn.Module) -> bool:
+        return any(is_quantized(p) for p in self.projections(block))
+
+    def unit_granularity(self, block: nn.Module) -> int:
+        return math.lcm(*(unit_granularity(p) for p in self.projections(block)))
+
+    def units_for_merge(self, block: nn.Module, units: Units) -> Units:
+        """``units`` as they should be appended to ``block``; for quantized blocks, prepared so rounding costs least.
+
+        Padding with zero units makes the appended units fill whole quantization blocks of their own. GLU units are
+        also *balanced*: ``act(g.x) * (k.x) * v`` is unchanged by ``k / s``, ``v * s``, and choosing ``s`` per unit
+        so that ``v`` reaches (but never raises) the down projection's per-row magnitude lets row-wise quantizers
+        (8-bit) spend their levels on the memory instead of rounding its small output vectors to a few steps.
+        """
+        if units.gate is not None and self.is_quantized(block):
+            row_scale = self.read_units(block).value.abs().amax(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
+            stretch = (units.value.abs() / row_scale.to(units.value)).amax(dim=1, keepdim=True)
+            s = torch.where(stretch > 0, 1 / stretch, torch.ones_like(stretch))
+            units = Units(units.gate, units.key / s, units.value * s)
+        padding = -(self.width(block) + units.key.shape[0]) % self.unit_granularity(block)
+        if padding:
+            units = Units(*(None if a is None else torch.cat([a, z]) for a, z in zip(units, zero_units(units, padding))))
+        return units
+
+    def check_mergeable(self, block: nn.Module) -> None:
+        """Raise, before anything changes, if a projection of ``block`` cannot be rewritten."""
+        for projection in self.projections(block):
+            if not can_rewrite(projection):
+                raise TypeError(
+                    f"Cannot merge a Locas memory into {type(projection).__name__} layers: this package cannot "
+                    "re-quantize them. Export a full-precision checkpoint instead with "
+                    "`merge_and_unload(dequantize=True)`, or keep the adapter unmerged."
+                )
+
+    def snapshot(self, block: nn.Module) -> Optional[Callable[[], None]]:
+        """A function restoring the block's current weights exactly, for quantized blocks, where re-quantizing after
+        dropping units would round; ``None`` for unquantized ones, where dropping units is exact and free."""
+        if not self.is_quantized(block):
+            return None
+        restorers = [snapshot_projection(p) for p in self.projections(block)]
+
+        def restore() -> None:
+            for restorer in restorers:
+                restorer()
+            _sync_width_attribute(block, self.width(block))
+
+        return restore
 
     def describe(self) -> str:
         return f"{type(self).__name__}({self.variant})"
@@ -99,6 +160,9 @@ class SplitGlu(BlockKind):
 
     def activation(self, block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return block.act_fn
+
+    def projections(self, block: nn.Module) -> tuple[nn.Module, ...]:
+        return block.gate_proj, block.up_proj, block.down_proj
 
     def read_units(self, block: nn.Module) -> Units:
         return Units(
@@ -133,6 +197,9 @@ class FusedGlu(BlockKind):
 
     def activation(self, block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return block.activation_fn
+
+    def projections(self, block: nn.Module) -> tuple[nn.Module, ...]:
+        return block.gate_up_proj, block.down_proj
 
     def read_units(self, block: nn.Module) -> Units:
         gate, up = read_projection(block.gate_up_proj).weight.chunk(2, dim=0)
@@ -178,6 +245,9 @@ class TwoLayerMlp(BlockKind):
 
     def activation(self, block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return getattr(block, self.act)
+
+    def projections(self, block: nn.Module) -> tuple[nn.Module, ...]:
+        return getattr(block, self.fc_in), getattr(block, self.fc_out)
 
     def read_units(self, block: nn.Module) -> Units:
         fc_in = read_projection(getattr(block, self.fc_in)).weight

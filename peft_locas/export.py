@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .blocks import BlockKind, Units
+from .blocks import BlockKind, zero_units
+from .projections import is_quantized, to_float_projection
 
 
 def make_block_widths_uniform(model: nn.Module, blocks: Sequence[tuple[nn.Module, BlockKind]]) -> int:
@@ -22,16 +23,7 @@ def make_block_widths_uniform(model: nn.Module, blocks: Sequence[tuple[nn.Module
     target = max(widths)
     for (block, kind), width in zip(blocks, widths):
         if width < target:
-            units = kind.read_units(block)
-            zeros = target - width
-            kind.append_units(
-                block,
-                Units(
-                    None if units.gate is None else units.gate.new_zeros(zeros, units.gate.shape[1]),
-                    units.key.new_zeros(zeros, units.key.shape[1]),
-                    units.value.new_zeros(zeros, units.value.shape[1]),
-                ),
-            )
+            kind.append_units(block, zero_units(kind.read_units(block), target - width))
     for config_key in {kind.width_config_key for _, kind in blocks}:
         _set_width_in_config(model, config_key, target)
     return target
@@ -54,3 +46,20 @@ def _set_width_in_config(model: nn.Module, key: str, width: int) -> None:
             f"The merged MLP blocks are {width} units wide, but {type(config).__name__} has no `{key}` to record it; "
             "the merged model would not reload with this config. Keep the adapter unmerged or save the state dict."
         )
+
+
+def dequantize_base_model(model: nn.Module) -> None:
+    """Replace every quantized layer of ``model`` by a float layer holding its dequantized weight, in place, and
+    drop the quantization config, so that merging is exact and the result saves as a plain float checkpoint.
+
+    Not transformers' ``dequantize()``: that reads bitsandbytes 4-bit weights wrongly once bitsandbytes has repacked
+    them for its CPU kernel (after the first inference forward on CPUs with AVX512-BF16); ``read_projection`` undoes
+    the packing first. Layers are cast to ``config.dtype`` when the model records one, as transformers does.
+    """
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    for name, module in list(model.named_modules()):
+        if is_quantized(module):
+            model.set_submodule(name, to_float_projection(module, dtype))
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .blocks import BlockKind, Units
+from .blocks import BlockKind
 from .config import LocasConfig
 from .initialization import auto_tau, data_free_memory
 from .memory import LocasMemory
@@ -31,7 +32,8 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         self.locas_memory = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._merged_widths: list[int] = []  # units appended by each merged adapter, in merge order
+        # per merged adapter, in merge order: units appended, and an exact restorer for quantized blocks
+        self._merge_log: list[tuple[int, Optional[Callable[[], None]]]] = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -87,29 +89,41 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         if not adapter_names:
             return
         base = self.get_base_layer()
+        self.block_kind.check_mergeable(base)
+        if self.block_kind.is_quantized(base):
+            warnings.warn(
+                "Merging a Locas memory into a quantized MLP block re-quantizes its weights with the appended units, "
+                "so outputs differ from the unmerged model by rounding (see the docs' measured bounds). For an exact "
+                "full-precision checkpoint use `merge_and_unload(dequantize=True)`."
+            )
         for adapter_name in adapter_names:
             if adapter_name not in self.locas_memory:
                 continue
             with torch.no_grad():
-                units = self.locas_memory[adapter_name].units()
+                units = self.block_kind.units_for_merge(base, self.locas_memory[adapter_name].units())
             if safe_merge and not all(torch.isfinite(t).all() for t in units if t is not None):
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
                 )
+            restore = self.block_kind.snapshot(base)
             self.block_kind.append_units(base, units)
             self.merged_adapters.append(adapter_name)
-            self._merged_widths.append(units.key.shape[0])
+            self._merge_log.append((units.key.shape[0], restore))
 
     def unmerge(self) -> None:
-        """Drop the appended units of every merged adapter, restoring the block's original weights exactly."""
+        """Drop the appended units of every merged adapter, restoring the block's original weights exactly (for
+        quantized blocks by putting back the weights saved at merge time, since re-quantizing would round)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         base = self.get_base_layer()
         while self.merged_adapters:
             self.merged_adapters.pop()
-            appended = self._merged_widths.pop()
-            self.block_kind.keep_first_units(base, self.block_kind.width(base) - appended)
+            appended, restore = self._merge_log.pop()
+            if restore is not None:
+                restore()
+            else:
+                self.block_kind.keep_first_units(base, self.block_kind.width(base) - appended)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # A memory keeps its own dtype (fp32 by default, see PEFT's autocast_adapter_dtype); only the device follows.

@@ -11,7 +11,7 @@ from torch import nn
 
 from .blocks import BlockKind, find_block_kind, supported_layouts
 from .config import LocasConfig
-from .export import make_block_widths_uniform
+from .export import dequantize_base_model, make_block_widths_uniform
 from .initialization import check_cloning_width
 from .layer import LocasLayer
 from .registration import LOCAS_PREFIX
@@ -135,6 +135,29 @@ class LocasModel(BaseTuner):
             for module in self.model.modules():
                 if isinstance(module, LocasLayer) and adapter_name in module.locas_memory:
                     module.locas_memory[adapter_name].clip_(max_norm)
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        dequantize: bool = False,
+    ) -> nn.Module:
+        """Merge the memories into the MLP blocks and return the plain transformers model (a vanilla checkpoint).
+
+        Args:
+            progressbar: show a progress bar while unloading.
+            safe_merge: check the memories for NaN/inf before merging and raise instead.
+            adapter_names: adapters to merge; defaults to the active ones.
+            dequantize: first replace every quantized layer of the base model by a float layer, so that the merge is
+                exact and the result is a full-precision checkpoint. Without it, a quantized base stays quantized and
+                the appended units are re-quantized (a rounding error, warned about).
+        """
+        if dequantize:
+            dequantize_base_model(self.model)
+        return self._unload_and_optionally_merge(
+            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
 
     def _unload_and_optionally_merge(
         self,

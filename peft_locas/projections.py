@@ -8,6 +8,7 @@ supported by registering one implementation of each, not by branching in the cal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import singledispatch
 from typing import NamedTuple, Optional
 
@@ -25,7 +26,10 @@ class ProjectionWeights(NamedTuple):
 
 @singledispatch
 def read_projection(layer: nn.Module) -> ProjectionWeights:
-    """Return the layer's weight ``(out, in)`` and bias as float tensors (dequantized where needed)."""
+    """Return the layer's weight ``(out, in)`` and bias as float tensors (dequantized where needed).
+
+    For unquantized layers these are the parameters themselves (views, not copies): callers must not modify them.
+    """
     raise TypeError(
         f"Locas cannot read the weights of a {type(layer).__name__} projection; supported: nn.Linear, "
         "transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt."
@@ -35,7 +39,41 @@ def read_projection(layer: nn.Module) -> ProjectionWeights:
 @singledispatch
 def write_projection(layer: nn.Module, weights: ProjectionWeights) -> None:
     """Replace the layer's weight (and bias) by ``weights`` (``(out, in)`` orientation), resizing the layer."""
-    raise TypeError(f"Locas cannot rewrite the weights of a {type(layer).__name__} projection.")
+    raise TypeError(
+        f"Locas cannot rewrite the weights of a {type(layer).__name__} projection, so it cannot merge into it. "
+        "Export a full-precision checkpoint instead: `merge_and_unload(dequantize=True)`."
+    )
+
+
+@singledispatch
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether rewriting the layer rounds its weights (then merging is lossy and unmerging restores a snapshot)."""
+    return False
+
+
+@singledispatch
+def unit_granularity(layer: nn.Module) -> int:
+    """Merged widths should be a multiple of this, so appended units occupy whole quantization blocks of their own
+    and leave the original blocks (and so the original weights) unchanged."""
+    return 1
+
+
+@singledispatch
+def snapshot_projection(layer: nn.Module) -> Callable[[], None]:
+    """A function that puts the layer's current parameters back exactly (it keeps references to them)."""
+    weight, bias = layer.weight, layer.bias
+    out_features, in_features = read_projection(layer).weight.shape
+
+    def restore() -> None:
+        layer.weight, layer.bias = weight, bias
+        _set_features(layer, out_features, in_features)
+
+    return restore
+
+
+def can_rewrite(layer: nn.Module) -> bool:
+    """Whether :func:`write_projection` supports this layer type (so merging into it is possible)."""
+    return write_projection.dispatch(type(layer)) is not write_projection.dispatch(object)
 
 
 @read_projection.register
@@ -48,7 +86,7 @@ def _(layer: nn.Linear, weights: ProjectionWeights) -> None:
     layer.weight = _like(layer.weight, weights.weight)
     if weights.bias is not None:
         layer.bias = _like(layer.bias, weights.bias)
-    layer.out_features, layer.in_features = weights.weight.shape
+    _set_features(layer, *weights.weight.shape)
 
 
 @read_projection.register
@@ -61,7 +99,15 @@ def _(layer: Conv1D, weights: ProjectionWeights) -> None:
     layer.weight = _like(layer.weight, weights.weight.T.contiguous())
     if weights.bias is not None:
         layer.bias = _like(layer.bias, weights.bias)
-    layer.nf = weights.weight.shape[0]
+    _set_features(layer, *weights.weight.shape)
+
+
+def _set_features(layer: nn.Module, out_features: int, in_features: int) -> None:
+    """Keep the layer's size attributes truthful (``nf``/``nx`` are GPT-2 Conv1D's names for them)."""
+    sizes = {"out_features": out_features, "in_features": in_features, "nf": out_features, "nx": in_features}
+    for name, value in sizes.items():
+        if hasattr(layer, name):
+            setattr(layer, name, value)
 
 
 def _like(old: torch.Tensor, new: torch.Tensor) -> nn.Parameter:
@@ -95,3 +141,23 @@ def keep_input_units(layer: nn.Module, index: torch.Tensor | slice) -> None:
     """Keep only the input units selected by ``index``."""
     weights = read_projection(layer)
     write_projection(layer, ProjectionWeights(weights.weight[:, index], weights.bias))
+
+
+def to_float_projection(layer: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A plain float layer computing what ``layer`` computes, in ``dtype``: an ``nn.Linear``, or a ``Conv1D`` where
+    transformers quantized one (it records the original class as ``source_cls``), so the model reloads as it was."""
+    weights = read_projection(layer)
+    dtype = dtype or weights.weight.dtype
+    weight = weights.weight.detach().to(dtype)
+    bias = None if weights.bias is None else nn.Parameter(weights.bias.detach().to(dtype), requires_grad=False)
+    out_features, in_features = weight.shape
+    if issubclass(getattr(layer, "source_cls", nn.Linear), Conv1D):
+        projection = Conv1D(out_features, in_features)
+        projection.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
+        projection.bias = bias if bias is not None else nn.Parameter(weight.new_zeros(out_features), requires_grad=False)
+        return projection
+    projection = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    projection.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        projection.bias = bias
+    return projection
