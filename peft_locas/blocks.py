@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ class Units(NamedTuple):
     unit's output vector (a column of the down projection, stored as a row). ``gate`` is ``None`` for two-layer MLPs.
     """
 
-    gate: Optional[torch.Tensor]
+    gate: torch.Tensor | None
     key: torch.Tensor
     value: torch.Tensor
 
@@ -116,7 +116,12 @@ class BlockKind(ABC):
             units = Units(units.gate, units.key / s, units.value * s)
         padding = -(self.width(block) + units.key.shape[0]) % self.unit_granularity(block)
         if padding:
-            units = Units(*(None if a is None else torch.cat([a, z]) for a, z in zip(units, zero_units(units, padding))))
+            units = Units(
+                *(
+                    None if a is None else torch.cat([a, z])
+                    for a, z in zip(units, zero_units(units, padding), strict=True)
+                )
+            )
         return units
 
     def check_mergeable(self, block: nn.Module) -> None:
@@ -129,7 +134,7 @@ class BlockKind(ABC):
                     "`merge_and_unload(dequantize=True)`, or keep the adapter unmerged."
                 )
 
-    def snapshot(self, block: nn.Module) -> Optional[Callable[[], None]]:
+    def snapshot(self, block: nn.Module) -> Callable[[], None] | None:
         """A function restoring the block's current weights exactly, for quantized blocks, where re-quantizing after
         dropping units would round; ``None`` for unquantized ones, where dropping units is exact and free."""
         if not self.is_quantized(block):
@@ -228,7 +233,10 @@ class FusedGlu(BlockKind):
 
 
 class TwoLayerMlp(BlockKind):
-    """``fc_out(act(fc_in(x)))`` (GPT-2's ``c_fc``/``c_proj`` Conv1D, GPT-NeoX's ``dense_h_to_4h``/``dense_4h_to_h``)."""
+    """A two-layer MLP ``fc_out(act(fc_in(x)))``.
+
+    GPT-2 names its projections ``c_fc``/``c_proj`` (Conv1D), GPT-NeoX ``dense_h_to_4h``/``dense_4h_to_h``.
+    """
 
     variant: Variant = "mlp"
 
@@ -273,7 +281,7 @@ BLOCK_KINDS: tuple[BlockKind, ...] = (
 )
 
 
-def find_block_kind(module: nn.Module) -> Optional[BlockKind]:
+def find_block_kind(module: nn.Module) -> BlockKind | None:
     """The layout of ``module`` if it is an MLP block Locas can wrap, else ``None``."""
     return next((kind for kind in BLOCK_KINDS if kind.matches(module)), None)
 

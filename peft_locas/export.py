@@ -21,7 +21,7 @@ def make_block_widths_uniform(model: nn.Module, blocks: Sequence[tuple[nn.Module
         return 0
     widths = [kind.width(block) for block, kind in blocks]
     target = max(widths)
-    for (block, kind), width in zip(blocks, widths):
+    for (block, kind), width in zip(blocks, widths, strict=True):
         if width < target:
             kind.append_units(block, zero_units(kind.read_units(block), target - width))
     for config_key in {kind.width_config_key for _, kind in blocks}:

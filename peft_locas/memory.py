@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ class LocasMemory(nn.Module):
     def __init__(self, memory: Units, tau: float, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
 
-        def parameter(tensor: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
+        def parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
             if tensor is None:
                 return None
             return nn.Parameter(tensor.detach().to(device=device, dtype=dtype).contiguous())

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Optional
 
-from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft import NoMatchingPeftModuleError
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
 from .blocks import BlockKind, find_block_kind, supported_layouts
@@ -20,7 +19,7 @@ from .registration import LOCAS_PREFIX
 def iter_mlp_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, BlockKind]]:
     """Every MLP block of ``model`` Locas recognises, as ``(name, module, kind)``; a wrapped block is yielded as its
     ``LocasLayer``. Nothing inside a yielded block is visited again."""
-    skip_prefix: Optional[str] = None
+    skip_prefix: str | None = None
     for name, module in model.named_modules():
         if skip_prefix is not None and name.startswith(skip_prefix):
             continue
@@ -122,7 +121,7 @@ class LocasModel(BaseTuner):
             # unloading puts the wrapped block back as it is; PEFT's version assumes a single-weight layer here
             setattr(parent, child_name, new_module)
 
-    def clip_memory_norms_(self, adapter_names: Optional[list[str]] = None) -> None:
+    def clip_memory_norms_(self, adapter_names: list[str] | None = None) -> None:
         """Project every memory row onto the ball of radius ``max_norm`` of its adapter's config, in place.
 
         Call it after each optimiser step (the paper's safeguard); adapters with ``max_norm=None`` are skipped.
@@ -140,7 +139,7 @@ class LocasModel(BaseTuner):
         self,
         progressbar: bool = False,
         safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
+        adapter_names: list[str] | None = None,
         dequantize: bool = False,
     ) -> nn.Module:
         """Merge the memories into the MLP blocks and return the plain transformers model (a vanilla checkpoint).
@@ -164,7 +163,7 @@ class LocasModel(BaseTuner):
         merge: bool = True,
         progressbar: bool = False,
         safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
+        adapter_names: list[str] | None = None,
     ) -> nn.Module:
         base_widths = {
             kind.width(module.get_base_layer() if isinstance(module, LocasLayer) else module)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import singledispatch
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ class ProjectionWeights(NamedTuple):
     """A projection's parameters in ``nn.Linear`` orientation: ``weight`` is ``(out_features, in_features)``."""
 
     weight: torch.Tensor
-    bias: Optional[torch.Tensor]
+    bias: torch.Tensor | None
 
 
 @singledispatch
@@ -143,7 +143,7 @@ def keep_input_units(layer: nn.Module, index: torch.Tensor | slice) -> None:
     write_projection(layer, ProjectionWeights(weights.weight[:, index], weights.bias))
 
 
-def to_float_projection(layer: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+def to_float_projection(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """A plain float layer computing what ``layer`` computes, in ``dtype``: an ``nn.Linear``, or a ``Conv1D`` where
     transformers quantized one (it records the original class as ``source_cls``), so the model reloads as it was."""
     weights = read_projection(layer)
@@ -154,7 +154,9 @@ def to_float_projection(layer: nn.Module, dtype: Optional[torch.dtype] = None) -
     if issubclass(getattr(layer, "source_cls", nn.Linear), Conv1D):
         projection = Conv1D(out_features, in_features)
         projection.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
-        projection.bias = bias if bias is not None else nn.Parameter(weight.new_zeros(out_features), requires_grad=False)
+        projection.bias = (
+            bias if bias is not None else nn.Parameter(weight.new_zeros(out_features), requires_grad=False)
+        )
         return projection
     projection = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
     projection.weight = nn.Parameter(weight, requires_grad=False)

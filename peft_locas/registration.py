@@ -27,7 +27,9 @@ def register_locas(config_cls: type, model_cls: type) -> None:
     registered = PEFT_TYPE_TO_CONFIG_MAPPING.get(LOCAS_PEFT_TYPE)
     if registered is not None and registered.__qualname__ != config_cls.__qualname__:
         raise KeyError(f"PEFT type LOCAS is already registered to {registered.__module__}.{registered.__qualname__}.")
-    owner = next((t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == LOCAS_PREFIX and t != LOCAS_PEFT_TYPE), None)
+    owner = next(
+        (t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == LOCAS_PREFIX and t != LOCAS_PEFT_TYPE), None
+    )
     if owner is not None:
         raise KeyError(f"The prefix {LOCAS_PREFIX!r} is already used by PEFT type {owner.name}.")
     if getattr(model_cls, "prefix", LOCAS_PREFIX) != LOCAS_PREFIX:

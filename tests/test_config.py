@@ -11,14 +11,28 @@ from peft_locas import LocasConfig
 
 def test_defaults():
     config = LocasConfig()
-    assert (config.r, config.variant, config.tau, config.max_norm, config.init_weights) == (64, "auto", "auto", 1.0, True)
+    assert (config.r, config.variant, config.tau, config.max_norm, config.init_weights) == (
+        64,
+        "auto",
+        "auto",
+        1.0,
+        True,
+    )
     assert config.target_modules is None
 
 
 def test_json_round_trip(tmp_path):
     config = LocasConfig(
-        r=7, variant="glu", target_modules=["mlp"], layers_to_transform=[1], layers_pattern="layers", tau=0.5,
-        max_norm=None, init_weights="gaussian", exclude_modules=["model.layers.0.mlp"], modules_to_save=["lm_head"],
+        r=7,
+        variant="glu",
+        target_modules=["mlp"],
+        layers_to_transform=[1],
+        layers_pattern="layers",
+        tau=0.5,
+        max_norm=None,
+        init_weights="gaussian",
+        exclude_modules=["model.layers.0.mlp"],
+        modules_to_save=["lm_head"],
     )
     config.save_pretrained(tmp_path)
     on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -49,13 +63,20 @@ def test_invalid_values_are_rejected(kwargs, message):
 
 def test_mlp_variant_on_glu_block_is_rejected():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match=r"variant='mlp'\) does not fit 'model.layers.0.mlp', a SplitGlu\(glu\) block.*'glu' or 'auto'"):
+    with pytest.raises(
+        ValueError, match=r"variant='mlp'\) does not fit 'model.layers.0.mlp', a SplitGlu\(glu\) block.*'glu' or 'auto'"
+    ):
         get_peft_model(model, LocasConfig(r=4, variant="mlp"))
-    assert not any("locas" in name for name, _ in model.named_modules()), "a failed config must leave the model as it was"
+    assert not any("locas" in name for name, _ in model.named_modules()), (
+        "a failed config must leave the model as it was"
+    )
 
 
 def test_glu_variant_on_two_layer_block_is_rejected():
-    with pytest.raises(ValueError, match=r"variant='glu'\) does not fit 'transformer.h.0.mlp', a TwoLayerMlp\(c_fc->act->c_proj\) block"):
+    with pytest.raises(
+        ValueError,
+        match=r"variant='glu'\) does not fit 'transformer.h.0.mlp', a TwoLayerMlp\(c_fc->act->c_proj\) block",
+    ):
         get_peft_model(tiny_model("gpt2"), LocasConfig(r=4, variant="glu"))
 
 
@@ -65,7 +86,9 @@ def test_single_projection_target_is_rejected():
 
 
 def test_no_match_lists_the_blocks():
-    with pytest.raises(NoMatchingPeftModuleError, match=r"matched no MLP block.*model.layers.0.mlp, model.layers.1.mlp"):
+    with pytest.raises(
+        NoMatchingPeftModuleError, match=r"matched no MLP block.*model.layers.0.mlp, model.layers.1.mlp"
+    ):
         get_peft_model(tiny_model("llama"), LocasConfig(r=4, target_modules=["feed_forward"]))
     with pytest.raises(NoMatchingPeftModuleError, match=r"layers_to_transform=\[5\]"):
         get_peft_model(tiny_model("llama"), LocasConfig(r=4, layers_to_transform=[5]))

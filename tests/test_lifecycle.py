@@ -127,7 +127,9 @@ def test_unload_returns_exactly_the_base_model():
     base = model.unload()
     assert type(base.model.layers[0].mlp).__name__ == "LlamaMLP"
     assert not any("locas" in n for n, _ in base.named_modules())
-    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), reference.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(base.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
     assert torch.equal(base(x).logits, reference(x).logits)
 
 

@@ -27,7 +27,11 @@ def test_memory_output_matches_the_equations(family):
     layer = _first_layer(model)
     block = layer.get_base_layer()
     x = torch.randn(3, 7, 64)
-    key, value, tau = layer.locas_memory["default"].key, layer.locas_memory["default"].value, layer.locas_memory["default"].tau
+    key, value, tau = (
+        layer.locas_memory["default"].key,
+        layer.locas_memory["default"].value,
+        layer.locas_memory["default"].tau,
+    )
     act = block.act_fn if family == "llama" else block.act
     if family == "llama":
         hidden = act(x @ layer.locas_memory["default"].gate.T) * (x @ key.T)
@@ -65,7 +69,11 @@ def test_fixed_tau_and_gaussian_init():
 
 def test_non_identity_init_has_unit_rows_everywhere():
     layer = _first_layer(get_peft_model(tiny_model("llama"), LocasConfig(r=4, init_weights=False)))
-    for rows in (layer.locas_memory["default"].gate, layer.locas_memory["default"].key, layer.locas_memory["default"].value):
+    for rows in (
+        layer.locas_memory["default"].gate,
+        layer.locas_memory["default"].key,
+        layer.locas_memory["default"].value,
+    ):
         torch.testing.assert_close(rows.norm(dim=1), torch.ones(4))
 
 

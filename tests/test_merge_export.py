@@ -50,7 +50,14 @@ def test_merged_checkpoints_reload_without_peft_locas(tmp_path):
         assert not (tmp_path / family / "adapter_config.json").exists()
         assert not list((tmp_path / family).glob("*.bin"))
     done = subprocess.run(
-        [sys.executable, "-c", RELOAD, json.dumps(folders), str(tmp_path / "inputs.safetensors"), str(tmp_path / "out")],
+        [
+            sys.executable,
+            "-c",
+            RELOAD,
+            json.dumps(folders),
+            str(tmp_path / "inputs.safetensors"),
+            str(tmp_path / "out"),
+        ],
         capture_output=True,
         text=True,
     )

@@ -15,7 +15,10 @@ pytest.importorskip("bitsandbytes")
 QUANTIZATIONS = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
     "nf4-double-bf16": dict(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
     ),
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
     "int8": dict(load_in_8bit=True),
@@ -100,7 +103,7 @@ def test_adapter_moves_between_quantized_and_float_bases(saved_bases, tmp_path):
 
     reference.save_pretrained(tmp_path / "fromfloat")
     on_4bit = PeftModel.from_pretrained(load(saved_bases, "llama", "nf4"), tmp_path / "fromfloat")
-    for a, b in zip(_layers(on_4bit), _layers(reference)):
+    for a, b in zip(_layers(on_4bit), _layers(reference), strict=True):
         torch.testing.assert_close(a.locas_memory["default"].value, b.locas_memory["default"].value)
         assert a.locas_memory["default"].tau == b.locas_memory["default"].tau  # tau travels with the adapter
 

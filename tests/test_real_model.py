@@ -75,20 +75,27 @@ def test_four_bit_real_model_merge_keeps_the_memory(paragraph):
     outputs would otherwise swamp the comparison)."""
     from peft_locas import LocasLayer
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
     model = AutoModelForCausalLM.from_pretrained(
         MODEL_DIR, quantization_config=quantization, device_map="cpu", dtype=torch.float32
     ).eval()
     peft_model = get_peft_model(model, LocasConfig(r=64, init_weights=False))
     layers = [m for m in peft_model.modules() if isinstance(m, LocasLayer)]
     inputs = {}
-    hooks = [layer.register_forward_pre_hook(lambda mod, args: inputs.setdefault(mod, args[0].float())) for layer in layers]
+    hooks = [
+        layer.register_forward_pre_hook(lambda mod, args: inputs.setdefault(mod, args[0].float())) for layer in layers
+    ]
     with torch.no_grad():
         peft_model(paragraph[:, :64])
     for hook in hooks:
         hook.remove()
     with torch.no_grad():
-        expected = {layer: _float_block_output(layer, inputs[layer]) + layer.memory_output(inputs[layer], "default") for layer in layers}
+        expected = {
+            layer: _float_block_output(layer, inputs[layer]) + layer.memory_output(inputs[layer], "default")
+            for layer in layers
+        }
         effect = {layer: layer.memory_output(inputs[layer], "default") for layer in layers}
         peft_model.merge_adapter()
         error = sum((_float_block_output(layer, inputs[layer]) - expected[layer]).norm() ** 2 for layer in layers)

@@ -26,17 +26,27 @@ def trained(tmp_path):
 
 def test_saved_files_and_contents(trained):
     _, adapter_dir, model = trained
-    assert sorted(p.name for p in adapter_dir.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in adapter_dir.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["target_modules"] == ["mlp"] and config["tau"] == "auto"
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     expected = {
-        f"base_model.model.model.layers.{i}.mlp.locas_memory.{part}" for i in range(2) for part in ("gate", "key", "value", "tau")
+        f"base_model.model.model.layers.{i}.mlp.locas_memory.{part}"
+        for i in range(2)
+        for part in ("gate", "key", "value", "tau")
     }
     assert set(tensors) == expected
     layer = model.base_model.model.model.layers[0].mlp
-    assert torch.equal(tensors["base_model.model.model.layers.0.mlp.locas_memory.key"], layer.locas_memory["default"].key)
-    assert torch.equal(tensors["base_model.model.model.layers.0.mlp.locas_memory.tau"], layer.locas_memory["default"].tau)
+    assert torch.equal(
+        tensors["base_model.model.model.layers.0.mlp.locas_memory.key"], layer.locas_memory["default"].key
+    )
+    assert torch.equal(
+        tensors["base_model.model.model.layers.0.mlp.locas_memory.tau"], layer.locas_memory["default"].tau
+    )
     assert tensors["base_model.model.model.layers.0.mlp.locas_memory.value"].dtype == torch.float32
 
 
@@ -84,10 +94,18 @@ def test_push_to_hub_uploads_a_loadable_adapter(trained, tmp_path, monkeypatch):
 
     base_dir, _, model = trained
     uploaded = tmp_path / "uploaded"
-    monkeypatch.setattr(hub, "hf_api", lambda: types.SimpleNamespace(create_repo=lambda repo_id, **kw: types.SimpleNamespace(repo_id=repo_id)))
-    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **kw: types.SimpleNamespace(save=lambda path: None))
     monkeypatch.setattr(
-        type(model), "_upload_modified_files", lambda self, working_dir, repo_id, **kw: shutil.copytree(working_dir, uploaded)
+        hub,
+        "hf_api",
+        lambda: types.SimpleNamespace(create_repo=lambda repo_id, **kw: types.SimpleNamespace(repo_id=repo_id)),
+    )
+    monkeypatch.setattr(
+        hub, "create_and_tag_model_card", lambda *a, **kw: types.SimpleNamespace(save=lambda path: None)
+    )
+    monkeypatch.setattr(
+        type(model),
+        "_upload_modified_files",
+        lambda self, working_dir, repo_id, **kw: shutil.copytree(working_dir, uploaded),
     )
     model.push_to_hub("someone/locas-adapter")
     assert (uploaded / "adapter_model.safetensors").exists()

@@ -30,7 +30,9 @@ CONFIGS: dict[str, tuple[Callable[[], tf.PretrainedConfig], type]] = {
     "gemma3": (_gemma(tf.Gemma3TextConfig), tf.Gemma3ForCausalLM),
     "phi3": (lambda: tf.Phi3Config(**_GLU, pad_token_id=0, bos_token_id=1, eos_token_id=2), tf.Phi3ForCausalLM),
     "gpt2": (
-        lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_inner=WIDTH, bos_token_id=0, eos_token_id=0),
+        lambda: tf.GPT2Config(
+            vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_inner=WIDTH, bos_token_id=0, eos_token_id=0
+        ),
         tf.GPT2LMHeadModel,
     ),
     "gpt_neox": (lambda: tf.GPTNeoXConfig(**_COMMON, intermediate_size=WIDTH), tf.GPTNeoXForCausalLM),
