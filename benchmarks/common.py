@@ -1,0 +1,127 @@
+"""What every benchmark script shares: the model and text it runs on, timing, and writing results.
+
+Benchmarks compose the library; they never reimplement it. Each one measures its variants side by side in one process
+(interleaved repetitions, medians) and reports ratios, because this machine's absolute speed is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default' (the prepared SmolLM2-135M, see `python -m peft_locas.assets`), 'tiny' (a random tiny Llama "
+        "built from a config, for smoke tests) or a local model folder",
+    )
+    parser.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores instead of the full run")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON results")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def load_model_and_text(name: str, dtype: torch.dtype = torch.float32, **kwargs: Any):
+    """``(model, tokenizer_or_None, token_ids)`` for ``--model``; token ids come from a real book for real models."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "tiny":
+        model = AutoModelForCausalLM.from_pretrained(_tiny_model_folder(), dtype=dtype, **kwargs).eval()
+        return model, None, torch.randint(1, 256, (1, 4096), generator=torch.Generator().manual_seed(0))
+    from peft_locas.assets import book_path, default_model_dir
+
+    folder = default_model_dir() if name == "default" else Path(name)
+    book = book_path("pride_and_prejudice")
+    if folder is None or book is None:
+        raise SystemExit("error: the real model and books are not prepared; run `python -m peft_locas.assets` first")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    ids = tokenizer(book.read_text(encoding="utf-8")[:200_000], return_tensors="pt").input_ids
+    return model, tokenizer, ids
+
+
+@functools.cache
+def _tiny_model_folder() -> Path:
+    """A seeded random tiny Llama saved once per process (quantized loading needs a checkpoint on disk)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="peft_locas_tiny_"))
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def median_seconds(functions: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each function, measured in interleaved rounds so drift hits every variant alike."""
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def write_results(name: str, args: argparse.Namespace, results: dict[str, Any]) -> Path:
+    """Write ``results`` with the command's arguments and the machine, and return the path."""
+    out = args.out or RESULTS / f"{name}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": name,
+        "arguments": {k: str(v) for k, v in vars(args).items()},
+        "machine": machine(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **results,
+    }
+    out.write_text(json.dumps(payload, indent=2))
+    return out
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """A plain aligned table on stdout."""
+    cells = [[_format(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
