@@ -23,6 +23,7 @@ from .projections import (
     is_quantized,
     keep_input_units,
     keep_output_units,
+    projection_size,
     read_projection,
     snapshot_projection,
     unit_granularity,
@@ -92,8 +93,9 @@ class BlockKind(ABC):
     @abstractmethod
     def projections(self, block: nn.Module) -> tuple[nn.Module, ...]: ...
 
+    @abstractmethod
     def width(self, block: nn.Module) -> int:
-        return self.read_units(block).key.shape[0]
+        """The number of units, read from the layer sizes (cheap even for quantized blocks)."""
 
     def is_quantized(self, block: nn.Module) -> bool:
         return any(is_quantized(p) for p in self.projections(block))
@@ -169,6 +171,9 @@ class SplitGlu(BlockKind):
     def projections(self, block: nn.Module) -> tuple[nn.Module, ...]:
         return block.gate_proj, block.up_proj, block.down_proj
 
+    def width(self, block: nn.Module) -> int:
+        return projection_size(block.up_proj)[0]
+
     def read_units(self, block: nn.Module) -> Units:
         return Units(
             read_projection(block.gate_proj).weight,
@@ -205,6 +210,9 @@ class FusedGlu(BlockKind):
 
     def projections(self, block: nn.Module) -> tuple[nn.Module, ...]:
         return block.gate_up_proj, block.down_proj
+
+    def width(self, block: nn.Module) -> int:
+        return projection_size(block.gate_up_proj)[0] // 2
 
     def read_units(self, block: nn.Module) -> Units:
         gate, up = read_projection(block.gate_up_proj).weight.chunk(2, dim=0)
@@ -256,6 +264,9 @@ class TwoLayerMlp(BlockKind):
 
     def projections(self, block: nn.Module) -> tuple[nn.Module, ...]:
         return getattr(block, self.fc_in), getattr(block, self.fc_out)
+
+    def width(self, block: nn.Module) -> int:
+        return projection_size(getattr(block, self.fc_in))[0]
 
     def read_units(self, block: nn.Module) -> Units:
         fc_in = read_projection(getattr(block, self.fc_in)).weight

@@ -62,13 +62,20 @@ def unit_granularity(layer: nn.Module) -> int:
 def snapshot_projection(layer: nn.Module) -> Callable[[], None]:
     """A function that puts the layer's current parameters back exactly (it keeps references to them)."""
     weight, bias = layer.weight, layer.bias
-    out_features, in_features = read_projection(layer).weight.shape
+    out_features, in_features = projection_size(layer)
 
     def restore() -> None:
         layer.weight, layer.bias = weight, bias
         _set_features(layer, out_features, in_features)
 
     return restore
+
+
+def projection_size(layer: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` without reading (or dequantizing) the weights; Conv1D calls them nf/nx."""
+    if hasattr(layer, "nf"):
+        return layer.nf, layer.nx
+    return layer.out_features, layer.in_features
 
 
 def can_rewrite(layer: nn.Module) -> bool:
