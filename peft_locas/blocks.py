@@ -3,7 +3,7 @@
 A transformer MLP is a sum over independent intermediate *units*: unit ``j`` reads the input through its gate/up rows
 (GLU) or its ``fc_in`` row (two-layer MLP) and writes its output vector (column ``j`` of the down projection). A
 Locas memory is ``r`` more such units, so every family reduces to three operations: read the units, append units,
-drop the last units. Each :class:`BlockKind` implements them for one layout.
+drop the last units. Each `BlockKind` implements them for one layout.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def zero_units(like: Units, count: int) -> Units:
 
 
 def is_projection(module: object) -> bool:
-    """Whether ``module`` is a layer whose weights :mod:`peft_locas.projections` can read."""
+    """Whether ``module`` is a layer whose weights `peft_locas.projections` can read."""
     return isinstance(module, nn.Module) and read_projection.dispatch(type(module)) is not read_projection.dispatch(
         object
     )

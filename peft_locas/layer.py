@@ -19,8 +19,8 @@ from .memory import LocasMemory
 class LocasLayer(nn.Module, BaseTunerLayer):
     """The Locas memories (one per adapter) beside one MLP block.
 
-    A memory uses the block's own activation, so it *is* ``r`` extra units of the block: :meth:`merge` appends them
-    to the block's projections and :meth:`unmerge` drops them again, both exactly.
+    A memory uses the block's own activation, so it *is* ``r`` extra units of the block: `merge()` appends them
+    to the block's projections and `unmerge()` drops them again, both exactly.
     """
 
     adapter_layer_names = ("locas_memory",)
@@ -39,6 +39,7 @@ class LocasLayer(nn.Module, BaseTunerLayer):
 
     @property
     def variant(self) -> str:
+        """``"glu"`` or ``"mlp"``: the form of the wrapped block, and so of its memories."""
         return self.block_kind.variant
 
     def update_layer(self, adapter_name: str, config: LocasConfig) -> None:
@@ -65,7 +66,11 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         x = self._cast_input_dtype(x, memory.key.dtype)
         return memory(x, self.block_kind.activation(self.get_base_layer()))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -76,6 +81,20 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         for adapter_name in self.active_adapters:
             if adapter_name in self.locas_memory:
                 result = result + self.memory_output(x, adapter_name).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each sample of the batch through the memory its entry of ``adapter_names`` names (``"__base__"``: none)."""
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` while adapters are merged; call `unmerge_adapter()` first.")
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"`adapter_names` has {len(adapter_names)} entries for a batch of {x.shape[0]} samples.")
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter_name in set(adapter_names) & set(self.locas_memory):
+            rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
+            result[rows] += self.memory_output(x[rows], adapter_name).to(result.dtype)
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -93,8 +112,9 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         if self.block_kind.is_quantized(base):
             warnings.warn(
                 "Merging a Locas memory into a quantized MLP block re-quantizes its weights with the appended units, "
-                "so outputs differ from the unmerged model by rounding (measured: 5-20% of the memory's effect on the "
-                "logits with 4-bit, 1-10% with 8-bit; see the README). For an exact full-precision checkpoint use "
+                "so outputs differ from the unmerged model by rounding (measured: 5-25% of the memory's effect on the "
+                "logits with 4-bit, 1-10% with 8-bit; see the quantized-bases guide). For an exact full-precision "
+                "checkpoint use "
                 "`merge_and_unload(dequantize=True)`.",
                 stacklevel=2,
             )

@@ -35,6 +35,7 @@ class LocasMemory(nn.Module):
 
     @property
     def width(self) -> int:
+        """The number of memory units ``r``."""
         return self.key.shape[0]
 
     def forward(self, x: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 
 from peft import NoMatchingPeftModuleError
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
@@ -34,14 +36,14 @@ class LocasModel(BaseTuner):
     """Creates Locas memories (arXiv 2602.05085) beside the MLP blocks of a pretrained transformer.
 
     Use it through PEFT: ``get_peft_model(model, LocasConfig(...))``. Besides PEFT's usual API (adapters, merging,
-    unloading) it offers :meth:`clip_memory_norms_` for training loops. ``merge_and_unload()`` returns a *vanilla*
+    unloading) it offers `clip_memory_norms_()` for training loops. ``merge_and_unload()`` returns a *vanilla*
     model: the memory units are appended to the MLP weights, every block is padded with zero units to one common
     width and the config's intermediate size is updated, so the result saves and loads with plain transformers.
 
     Example:
         >>> from peft import get_peft_model
         >>> import peft_locas
-        >>> model = get_peft_model(base_model, peft_locas.LocasConfig(r=64))  # doctest: +SKIP
+        >>> model = get_peft_model(base_model, peft_locas.LocasConfig(r=64))
     """
 
     prefix: str = LOCAS_PREFIX
@@ -57,8 +59,8 @@ class LocasModel(BaseTuner):
         if peft_config.target_modules is None:
             if not blocks:
                 raise ValueError(
-                    f"Locas found no MLP block in {type(model).__name__}. Recognised layouts: {supported_layouts()}. "
-                    "Pass `target_modules` naming the MLP blocks of your model."
+                    f"Locas found no MLP block in {type(model).__name__}: it wraps blocks with a recognised layout "
+                    f"({supported_layouts()}) and this model has none, so it is not supported yet."
                 )
             peft_config.target_modules = {name.rsplit(".", 1)[-1] for name in blocks}
         self._check_targets(peft_config, model, blocks)
@@ -113,6 +115,30 @@ class LocasModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: object, **kwargs: object) -> Iterator[None]:
+        """Let ``model(x, adapter_names=[...])`` route each sample through its own memory (PEFT's mixed batches)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.model.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        unknown = sorted(set(adapter_names) - {"__base__"} - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        inject = partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+        handles = [
+            m.register_forward_pre_hook(inject, with_kwargs=True)
+            for m in self.model.modules()
+            if isinstance(m, LocasLayer)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         if isinstance(new_module, LocasLayer):
@@ -181,6 +207,10 @@ class LocasModel(BaseTuner):
         if merge:
             make_block_widths_uniform(model, [(module, kind) for _, module, kind in iter_mlp_blocks(model)])
         return model
+
+
+def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    return args, {**kwargs, "adapter_names": adapter_names}
 
 
 def _is_target(config: LocasConfig, name: str) -> bool:

@@ -79,7 +79,7 @@ def projection_size(layer: nn.Module) -> tuple[int, int]:
 
 
 def can_rewrite(layer: nn.Module) -> bool:
-    """Whether :func:`write_projection` supports this layer type (so merging into it is possible)."""
+    """Whether `write_projection` supports this layer type (so merging into it is possible)."""
     return write_projection.dispatch(type(layer)) is not write_projection.dispatch(object)
 
 

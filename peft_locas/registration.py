@@ -13,6 +13,7 @@ from ._enum import add_enum_member
 
 LOCAS_PREFIX = "locas_"
 LOCAS_PEFT_TYPE_VALUE = "LOCAS (install peft-locas and `import peft_locas` to load this adapter)"
+#: ``PeftType.LOCAS``: the PEFT type of every Locas adapter; its value is written as ``peft_type`` in adapter configs.
 LOCAS_PEFT_TYPE = add_enum_member(PeftType, "LOCAS", LOCAS_PEFT_TYPE_VALUE)
 
 

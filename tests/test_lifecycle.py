@@ -214,3 +214,24 @@ def test_base_weights_untouched_until_merge():
     state = {k.replace(".base_layer", ""): v for k, v in _base_state(model).items()}
     assert state.keys() == reference.keys()
     assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+def test_mixed_adapter_batches():
+    """PEFT's `adapter_names` argument: each sample goes through the memory it names, "__base__" through none."""
+    x = tokens(batch=3)
+    model = _locas_model(r=4)
+    model.add_adapter("second", LocasConfig(r=3, init_weights=False))
+    outputs = {}
+    for name in ("default", "second"):
+        model.set_adapter(name)
+        outputs[name] = model(x).logits
+    with model.disable_adapter():
+        outputs["__base__"] = model(x).logits
+    mixed = model(x, adapter_names=["second", "__base__", "default"]).logits
+    for i, name in enumerate(["second", "__base__", "default"]):
+        torch.testing.assert_close(mixed[i], outputs[name][i])
+    with pytest.raises(ValueError, match="non-existing adapter\\(s\\): nope"):
+        model(x, adapter_names=["nope", "default", "default"])
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="while adapters are merged"):
+        model(x, adapter_names=["default"] * 3)
