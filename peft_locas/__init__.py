@@ -5,9 +5,12 @@ Importing this package registers the ``LOCAS`` PEFT type, so ``get_peft_model``,
 """
 
 from .config import LocasConfig
+from .data_init import LocasInitState, get_locas_init_state, init_locas_weights
 from .layer import LocasLayer
 from .model import LocasModel
+from .nlsvd import compress_locas_memory
 from .registration import LOCAS_PEFT_TYPE, register_locas
+from .resize import grow_locas_memory
 
 try:  # quantized bases: registers bitsandbytes layers with peft_locas.projections
     from . import bnb as _bnb  # noqa: F401
@@ -15,6 +18,17 @@ except ImportError:  # bitsandbytes is optional at run time; without it, quantiz
     pass
 
 __version__ = "0.1.0"
-__all__ = ["LOCAS_PEFT_TYPE", "LocasConfig", "LocasLayer", "LocasModel", "__version__"]
+__all__ = [
+    "LOCAS_PEFT_TYPE",
+    "LocasConfig",
+    "LocasInitState",
+    "LocasLayer",
+    "LocasModel",
+    "__version__",
+    "compress_locas_memory",
+    "get_locas_init_state",
+    "grow_locas_memory",
+    "init_locas_weights",
+]
 
 register_locas(LocasConfig, LocasModel)

@@ -91,7 +91,12 @@ class BlockKind(ABC):
         _sync_width_attribute(block, count)
 
     @abstractmethod
-    def projections(self, block: nn.Module) -> tuple[nn.Module, ...]: ...
+    def projections(self, block: nn.Module) -> tuple[nn.Module, ...]:
+        """The block's projections, the output projection last."""
+
+    def output_projection(self, block: nn.Module) -> nn.Module:
+        """The projection that reads the units' activations and writes the block's output (down_proj, fc_out)."""
+        return self.projections(block)[-1]
 
     @abstractmethod
     def width(self, block: nn.Module) -> int:

@@ -37,7 +37,11 @@ class LocasConfig(PeftConfig):
         init_weights: ``True`` (default): gate/key rows cloned from the ``r`` base units with the largest product of
             gate-row, up-row and down-column norms, each row L2-normalised, value 0 (the wrapped model is exactly the
             base model). ``"gaussian"``: random unit-norm gate/key rows, value 0. ``False``: random unit-norm rows for
-            gate, key *and* value (a non-identity adapter, for tests; PEFT's convention).
+            gate, key *and* value (a non-identity adapter, for tests; PEFT's convention). ``"data"``: the memory is
+            initialised from data by ``init_locas_weights`` (which sets this value, like LoRA's ``"eva"``); at
+            construction, e.g. when a saved adapter is loaded, a placeholder of the right shape (random unit-norm
+            gate/key rows, value 0) is built without the ``r <= intermediate size`` limit of cloning, since a memory
+            grown from data may be wider than its block.
         modules_to_save: Extra modules to train fully and save with the adapter.
     """
 
@@ -64,9 +68,12 @@ class LocasConfig(PeftConfig):
     max_norm: Optional[float] = field(
         default=1.0, metadata={"help": "Row-norm clipping radius used by clip_memory_norms_(); None disables."}
     )
-    init_weights: Union[bool, Literal["gaussian"]] = field(
+    init_weights: Union[bool, Literal["gaussian", "data"]] = field(
         default=True,
-        metadata={"help": "True: clone top units by parameter norms (value 0); 'gaussian'; False: random non-zero."},
+        metadata={
+            "help": "True: clone top units by parameter norms (value 0); 'gaussian'; False: random non-zero; "
+            "'data': set by init_locas_weights (construction builds a placeholder)."
+        },
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules to train fully and save beside the memory."}
@@ -98,10 +105,11 @@ class LocasConfig(PeftConfig):
             raise ValueError(
                 f"LocasConfig: `max_norm` must be a positive number, or None to disable clipping, got {self.max_norm!r}."
             )
-        if not (isinstance(self.init_weights, bool) or self.init_weights == "gaussian"):
+        if not (isinstance(self.init_weights, bool) or self.init_weights in ("gaussian", "data")):
             raise ValueError(
                 f"LocasConfig: unknown `init_weights` {self.init_weights!r}; use True (clone top units), "
-                "'gaussian' or False (random, non-identity). Data-driven initialisation is `init_locas_weights(...)`."
+                "'gaussian', False (random, non-identity) or 'data' (filled by `init_locas_weights(model, dataloader, "
+                "method=...)`, which also sets it)."
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(

@@ -58,7 +58,11 @@ def gaussian_units(units: Units, r: int, random_value: bool, generator: Optional
 
 
 def data_free_memory(units: Units, r: int, init_weights: Union[bool, str]) -> Units:
-    """The initial memory for ``LocasConfig.init_weights`` (``True``, ``"gaussian"`` or ``False``), in float32."""
+    """The initial memory for ``LocasConfig.init_weights``, in float32.
+
+    ``"data"`` builds the same value-0 Gaussian memory as ``"gaussian"``: a placeholder of the right shape that
+    ``init_locas_weights`` or a saved adapter's weights then overwrite.
+    """
     units = Units(*(None if t is None else t.float() for t in units))
     if init_weights is True:
         check_cloning_width(r, units.key.shape[0])
@@ -66,12 +70,13 @@ def data_free_memory(units: Units, r: int, init_weights: Union[bool, str]) -> Un
     return gaussian_units(units, r, random_value=init_weights is False)
 
 
-def check_cloning_width(r: int, width: int) -> None:
-    """Cloning picks ``r`` distinct base units, so a block must have at least ``r``."""
+def check_cloning_width(r: int, width: int, alternative: str = "init_weights='gaussian'") -> None:
+    """Cloning picks ``r`` distinct base units, so a block must have at least ``r``; ``alternative`` names the
+    non-cloning option the message suggests (it differs between construction and ``init_locas_weights``)."""
     if r > width:
         raise ValueError(
             f"LocasConfig(r={r}) exceeds the MLP's intermediate size {width}: cloning base units needs r <= {width}. "
-            "Lower `r`, or use init_weights='gaussian'."
+            f"Lower `r`, or use {alternative}."
         )
 
 

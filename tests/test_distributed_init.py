@@ -1,0 +1,45 @@
+"""Under torch.distributed, every rank selects the same memory, equal to a single process seeing all ranks' data."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from distributed_init_worker import CASES, memories, shard
+
+TESTS = Path(__file__).parent
+
+
+def test_two_gloo_ranks_agree_with_a_single_process(tmp_path):
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+    )
+    env["OMP_NUM_THREADS"] = "1"
+    outputs = [tmp_path / f"rank{rank}.pt" for rank in range(2)]
+    ranks = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(TESTS / "distributed_init_worker.py"),
+                str(rank),
+                "2",
+                str(tmp_path / "store"),
+                str(out),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank, out in enumerate(outputs)
+    ]
+    logs = [process.communicate(timeout=240)[0] for process in ranks]
+    assert all(process.returncode == 0 for process in ranks), "\n".join(log[-3000:] for log in logs)
+    per_rank = [torch.load(out) for out in outputs]
+    for case in CASES:
+        single = memories(*case, shard(0) + shard(1))  # the ranks' data in rank order, as the slots are gathered
+        assert per_rank[0][case].keys() == single.keys()
+        for name, expected in single.items():
+            assert torch.equal(per_rank[0][case][name], per_rank[1][case][name]), f"{case} {name}: ranks differ"
+            torch.testing.assert_close(per_rank[0][case][name], expected, atol=1e-6, rtol=1e-5, msg=f"{case} {name}")
