@@ -32,3 +32,9 @@ __all__ = [
 ]
 
 register_locas(LocasConfig, LocasModel)
+
+# test-time memorisation (score, then train) of long texts; after registration, which it relies on
+from .memorization import MemorizeConfig, evaluate, memorize, templora_config  # noqa: E402
+from .results import MemorizeResult  # noqa: E402
+
+__all__ += ["MemorizeConfig", "MemorizeResult", "evaluate", "memorize", "templora_config"]

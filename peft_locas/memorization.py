@@ -1,0 +1,415 @@
+"""Test-time memorisation: write a long text into an adapter's parameters, chunk after chunk (``locas_method.md`` 4).
+
+The protocol is TempLoRA's, which the Locas paper uses. The text is split into chunks of ``chunk_tokens``; a Locas
+memory is initialised from the first chunk (``init_locas_weights``); then every chunk is first *scored* (its
+next-token loss under the current memory, attention limited to ``context_tokens`` of preceding text given as a prefix
+that carries no loss) and then *trained on* for ``steps_per_chunk`` AdamW steps, the memory's rows being clipped to
+the unit ball after every step. Scoring before training makes the losses prequential: every token is predicted by a
+memory that has not yet seen it, so the perplexity measures what the memory carries over from the past, beyond the
+short attention window. The same loop trains a LoRA adapter (the TempLoRA baseline) on identical chunks and prefixes.
+
+Distributed runs (``torchrun`` or ``accelerate launch``, one process per device, CPU ``gloo`` included) keep the chunks
+in order. Every rank holds the whole memory; each chunk's scored tokens are split into one contiguous share per rank,
+each rank runs the prefix and chunk up to the end of its share, and the ranks sum their NLL and memory gradients, so
+every step is the single-process step (up to float summation order). This divides the loss and backward work, not the
+longest forward, so it serves memory and throughput limits of large models rather than latency. The engine does this
+itself and wants the unwrapped model: do not ``accelerator.prepare`` it. FSDP and DeepSpeed ZeRO are not used: the
+trainable memory is small (a few MB to tens of MB), so sharding it gains nothing, and a frozen base too large for one
+device can be split across a process's devices with ``device_map="auto"`` or loaded in 4/8 bits instead; under
+``accelerate launch`` with an FSDP or DeepSpeed config, those plugin settings are simply not applied.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from tqdm.auto import tqdm
+
+from .checkpointing import adapter_settings, fingerprint, load_checkpoint, save_checkpoint
+from .config import LocasConfig
+from .data_init import METHODS, init_locas_weights
+from .distributed import Ranks
+from .results import MemorizeResult
+
+#: optimiser settings left unset in ``MemorizeConfig``, per adapter type: the paper's GLU memory learning rate, and
+#: TempLoRA's public recipe (AdamW, eps 1e-7, constant schedule after 2 warm-up steps)
+RECIPES: dict[str, dict[str, float]] = {
+    "locas": {"lr": 4e-3, "adam_eps": 1e-8, "warmup_steps": 0},
+    "lora": {"lr": 5e-5, "adam_eps": 1e-7, "warmup_steps": 2},
+}
+_RUNTIME_FIELDS = ("checkpoint_dir", "checkpoint_every", "show_progress")
+
+
+def templora_config(r: int = 64) -> LoraConfig:
+    """TempLoRA's adapter: LoRA on every linear layer except the output head, ``alpha = r``, dropout 0.05."""
+    return LoraConfig(r=r, lora_alpha=r, lora_dropout=0.05, target_modules="all-linear")
+
+
+@dataclass
+class MemorizeConfig:
+    """How :func:`memorize` writes a text into an adapter.
+
+    Args:
+        chunk_tokens: tokens per chunk; each chunk is scored, then trained on.
+        context_tokens: preceding tokens given to each chunk as an attention prefix (no loss on it); the memory has
+            to carry everything further back.
+        steps_per_chunk: optimiser steps on each chunk after scoring it (0 scores only).
+        lr, adam_eps, warmup_steps: AdamW learning rate, epsilon and linear warm-up (in steps, counted over the whole
+            run, as transformers' constant schedule with warm-up); ``None`` takes ``RECIPES`` for the adapter type.
+        weight_decay: AdamW weight decay (0: norm clipping already bounds a memory).
+        init: ``init_locas_weights`` method initialising a Locas memory from the first chunk (default ``"top_k"``);
+            ``None`` keeps the adapter's weights, e.g. to continue a memory. Ignored for LoRA.
+        max_tokens: memorise only the first ``max_tokens`` tokens of the text (``None``: all).
+        compare_baseline: also score every chunk with the adapter disabled (same prefixes, same tokens).
+        seed: seeds torch before the adapter is created, so runs are repeatable.
+        adapter_name: the adapter to train (and to create, when a base model is given).
+        checkpoint_dir: save a resumable checkpoint here, and resume from the one found there.
+        checkpoint_every: save after every this many chunks (and after the last).
+        show_progress: show a progress bar with the running perplexity and tokens/s (on rank 0).
+    """
+
+    chunk_tokens: int = 512
+    context_tokens: int = 256
+    steps_per_chunk: int = 2
+    lr: float | None = None
+    adam_eps: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    init: str | None = "top_k"
+    max_tokens: int | None = None
+    compare_baseline: bool = False
+    seed: int = 0
+    adapter_name: str = "default"
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every: int = 1
+    show_progress: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("chunk_tokens", self.chunk_tokens, minimum=2)
+        _check_int("context_tokens", self.context_tokens, minimum=0)
+        _check_int("steps_per_chunk", self.steps_per_chunk, minimum=0)
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        for name in ("max_tokens", "warmup_steps"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1 if name == "max_tokens" else 0)
+        for name in ("lr", "adam_eps"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and 0 < value < math.inf):
+                raise ValueError(f"MemorizeConfig: `{name}` must be a positive number or None, got {value!r}.")
+        if not (_is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"MemorizeConfig: `weight_decay` must be a number >= 0, got {self.weight_decay!r}.")
+        if self.init is not None and self.init not in METHODS:
+            raise ValueError(
+                f"MemorizeConfig: unknown `init` {self.init!r}; choose one of {', '.join(METHODS)}, or None."
+            )
+
+    def recipe(self, adapter_type: str) -> dict[str, float]:
+        """Learning rate, AdamW epsilon and warm-up steps: the ones set here, else the adapter type's defaults."""
+        return {
+            key: default if getattr(self, key) is None else getattr(self, key)
+            for key, default in RECIPES[adapter_type].items()
+        }
+
+    def protocol(self, adapter_type: str) -> dict[str, Any]:
+        """Every setting that shapes the results (what a resumed run must share), optimiser defaults resolved."""
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RUNTIME_FIELDS}
+        return {**settings, **self.recipe(adapter_type)}
+
+
+@dataclass(frozen=True)
+class Window:
+    """One chunk as the model sees it: input tokens ``[start, end)``, of which ``[first, end)`` are scored; the tokens
+    before ``first`` are the attention prefix (and, for the text's first token, the one that nothing predicts)."""
+
+    start: int
+    first: int
+    end: int
+
+    @property
+    def scored(self) -> int:
+        return self.end - self.first
+
+    def share(self, rank: int, world_size: int) -> Window:
+        """The contiguous part of the scored tokens that ``rank`` scores, with the whole prefix before it."""
+        bounds = [self.first + self.scored * k // world_size for k in range(world_size + 1)]
+        return Window(self.start, bounds[rank], bounds[rank + 1])
+
+
+def chunk_windows(num_tokens: int, chunk_tokens: int, context_tokens: int) -> list[Window]:
+    """The chunks of ``chunk_tokens`` (the last may be shorter), with up to ``context_tokens`` of prefix."""
+    if num_tokens < chunk_tokens:
+        raise ValueError(
+            f"the text has {num_tokens} tokens, fewer than one chunk of {chunk_tokens}: "
+            "use a longer text or smaller chunks"
+        )
+    windows = []
+    for chunk_start in range(0, num_tokens, chunk_tokens):
+        start = max(0, chunk_start - context_tokens)
+        window = Window(start, max(chunk_start, start + 1), min(chunk_start + chunk_tokens, num_tokens))
+        if window.scored > 0:
+            windows.append(window)
+    return windows
+
+
+def token_ids(
+    tokenizer: Any, text_or_token_ids: str | Sequence[int] | torch.Tensor, max_tokens: int | None = None
+) -> list[int]:
+    """The text's token ids as a list (token ids given directly are taken as they are), cut to ``max_tokens``."""
+    if isinstance(text_or_token_ids, str):
+        if tokenizer is None:
+            raise ValueError("memorize: pass a tokenizer to memorise text (or pass token ids)")
+        ids = tokenizer(text_or_token_ids, verbose=False)["input_ids"]
+    else:
+        tensor = torch.as_tensor(text_or_token_ids)
+        if tensor.dim() > 2 or (tensor.dim() == 2 and tensor.shape[0] != 1) or tensor.is_floating_point():
+            raise ValueError(f"memorize: token ids must be one sequence of integers, got shape {tuple(tensor.shape)}")
+        ids = tensor.reshape(-1).tolist()
+    return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def memorize(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text_or_token_ids: str | Sequence[int] | torch.Tensor,
+    config: MemorizeConfig | None = None,
+    *,
+    peft_config: PeftConfig | None = None,
+    callback: Callable[[int, MemorizeResult], None] | None = None,
+) -> MemorizeResult:
+    """Memorise a text into an adapter by the score-then-train protocol (see the module docstring).
+
+    Args:
+        model: a ``PeftModel`` with a Locas or LoRA adapter named ``config.adapter_name``, or a base model, which is
+            then wrapped (in place, as ``get_peft_model`` does) with ``peft_config``.
+        tokenizer: turns a text into token ids; unused (may be ``None``) when token ids are given.
+        text_or_token_ids: the text, or its token ids (a list or a 1-D / ``(1, n)`` tensor).
+        config: the protocol's settings (default ``MemorizeConfig()``).
+        peft_config: for a base model: a ``LocasConfig`` (default ``LocasConfig()``) or a ``LoraConfig`` (see
+            :func:`templora_config`). The config object itself is not modified.
+        callback: called as ``callback(chunk_index, result_so_far)`` after every chunk (after its checkpoint).
+
+    Returns:
+        the per-chunk results; ``result.model`` is the trained ``PeftModel``. The run is on the model's device and
+        is deterministic for a given ``config.seed``; with ``checkpoint_dir`` it resumes from, and gives the same
+        results as, an interrupted run.
+    """
+    started = time.perf_counter()
+    config = config or MemorizeConfig()
+    ids = token_ids(tokenizer, text_or_token_ids, config.max_tokens)
+    windows = chunk_windows(len(ids), config.chunk_tokens, config.context_tokens)
+    torch.manual_seed(config.seed)
+    peft_model, adapter_config = _with_adapter(model, peft_config, config.adapter_name)
+    adapter_type = "locas" if isinstance(adapter_config, LocasConfig) else "lora"
+    run_fingerprint = None
+    if config.checkpoint_dir is not None:
+        settings = adapter_settings(adapter_config)
+        run_fingerprint = fingerprint(peft_model, settings, config.protocol(adapter_type), ids)
+    text = _Reader.of(peft_model, ids)
+    if adapter_type == "locas" and config.init is not None:
+        first = windows[0]
+        init_locas_weights(
+            peft_model,
+            [{"input_ids": text.ids[first.start : first.end].unsqueeze(0)}],
+            method=config.init,
+            adapter_name=config.adapter_name,
+            seed=config.seed,
+            gather_distributed=False,  # every rank initialises from the whole first chunk
+            show_progress_bar=False,
+        )
+    named = [(name, p) for name, p in peft_model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(f"memorize: adapter {config.adapter_name!r} has no trainable parameter (inference mode?)")
+    parameters = [p for _, p in named]
+    recipe = config.recipe(adapter_type)
+    optimizer = torch.optim.AdamW(parameters, lr=recipe["lr"], eps=recipe["adam_eps"], weight_decay=config.weight_decay)
+    checkpoint = dict(
+        peft_model=peft_model,
+        adapter_name=config.adapter_name,
+        optimizer=optimizer,
+        parameter_names=[name for name, _ in named],
+        run_fingerprint=run_fingerprint,
+        ranks=text.ranks,
+    )
+    result = MemorizeResult(baseline_losses=[] if config.compare_baseline else None)
+    if config.checkpoint_dir is not None:
+        restored = load_checkpoint(config.checkpoint_dir, **checkpoint)
+        if restored is not None:
+            result = MemorizeResult.from_dict(restored)
+    done = len(result.token_counts)
+    step = done * config.steps_per_chunk
+    elapsed_before = result.wall_time_s
+    was_training = peft_model.training
+    bar = _progress_bar(windows, done, config.show_progress and text.ranks.is_main, "memorize")
+    try:
+        for index in range(done, len(windows)):
+            window = windows[index]
+            peft_model.eval()
+            loss, baseline = text.score(peft_model, window, config.compare_baseline)
+            peft_model.train()
+            for _ in range(config.steps_per_chunk):
+                text.backward(peft_model, window)
+                text.ranks.sum_gradients_(parameters)
+                for group in optimizer.param_groups:
+                    group["lr"] = _learning_rate(recipe, step)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if adapter_type == "locas":
+                    peft_model.clip_memory_norms_([config.adapter_name])
+                step += 1
+            result.add_chunk(
+                window.scored, loss, baseline, elapsed_before + time.perf_counter() - started, text.ids.device
+            )
+            chunks_done = index + 1
+            if config.checkpoint_dir is not None and (
+                chunks_done % config.checkpoint_every == 0 or chunks_done == len(windows)
+            ):
+                save_checkpoint(config.checkpoint_dir, chunks_done=chunks_done, result=result.to_dict(), **checkpoint)
+            _show(bar, result)
+            if callback is not None:
+                callback(index, result)
+    finally:
+        bar.close()
+        peft_model.train(was_training)
+    result.model = peft_model
+    return result
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text_or_token_ids: str | Sequence[int] | torch.Tensor,
+    *,
+    chunk_tokens: int = 512,
+    context_tokens: int = 256,
+    max_tokens: int | None = None,
+    compare_baseline: bool = False,
+    show_progress: bool = False,
+) -> MemorizeResult:
+    """Score a text chunk by chunk, exactly as :func:`memorize` does but without training: the perplexity a model
+    (with its adapter, if any) reaches with only ``context_tokens`` of preceding text in view.
+
+    ``compare_baseline`` also scores with the adapter disabled (``model`` must then be a ``PeftModel``).
+    """
+    started = time.perf_counter()
+    if compare_baseline and not isinstance(model, PeftModel):
+        raise ValueError("evaluate: compare_baseline needs a PeftModel (the baseline is the model without its adapter)")
+    ids = token_ids(tokenizer, text_or_token_ids, max_tokens)
+    windows = chunk_windows(len(ids), chunk_tokens, context_tokens)
+    text = _Reader.of(model, ids)
+    result = MemorizeResult(baseline_losses=[] if compare_baseline else None)
+    was_training = model.training
+    model.eval()
+    bar = _progress_bar(windows, 0, show_progress and text.ranks.is_main, "evaluate")
+    try:
+        for window in windows:
+            loss, baseline = text.score(model, window, compare_baseline)
+            result.add_chunk(window.scored, loss, baseline, time.perf_counter() - started, text.ids.device)
+            _show(bar, result)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return result
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """The text's token ids on the model's device, read window by window; under torch.distributed each rank reads its
+    share of a window's scored tokens and the ranks add up their NLL (and, in training, their gradients)."""
+
+    ids: torch.Tensor
+    ranks: Ranks
+    keeps_logits: bool  # the model computes only the logits asked for (``logits_to_keep``)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, ids: Sequence[int]) -> _Reader:
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        device = model.get_input_embeddings().weight.device
+        keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        return cls(torch.tensor(ids, dtype=torch.long, device=device), Ranks.current(), keeps_logits)
+
+    def score(self, model: torch.nn.Module, window: Window, baseline: bool) -> tuple[float, float | None]:
+        """Mean NLL of the window's scored tokens, and with the adapter disabled when ``baseline``; no gradients."""
+        with torch.no_grad():
+            loss = self._mean(model, window)
+            if not baseline:
+                return loss, None
+            with model.disable_adapter():
+                return loss, self._mean(model, window)
+
+    def backward(self, model: torch.nn.Module, window: Window) -> None:
+        """Backpropagate this rank's part of the window's mean NLL (the ranks' parts sum to the mean)."""
+        share = window.share(self.ranks.rank, self.ranks.size)
+        if share.scored:
+            (self._nll(model, share) / window.scored).backward()
+
+    def _mean(self, model: torch.nn.Module, window: Window) -> float:
+        share = window.share(self.ranks.rank, self.ranks.size)
+        total = self._nll(model, share) if share.scored else self.ids.new_zeros((), dtype=torch.float32)
+        return self.ranks.sum(total) / window.scored
+
+    def _nll(self, model: torch.nn.Module, window: Window) -> torch.Tensor:
+        """Summed NLL (float32) of the window's scored tokens, each predicted from all input tokens before it."""
+        kwargs = {"logits_to_keep": window.scored + 1} if self.keeps_logits else {}
+        logits = model(input_ids=self.ids[window.start : window.end].unsqueeze(0), use_cache=False, **kwargs).logits
+        predicting = logits[0, -window.scored - 1 : -1]
+        return F.cross_entropy(predicting.float(), self.ids[window.first : window.end], reduction="sum")
+
+
+def _learning_rate(recipe: dict[str, float], step: int) -> float:
+    """Constant after a linear warm-up from 0, as transformers' ``get_constant_schedule_with_warmup`` (TempLoRA's)."""
+    warmup = recipe["warmup_steps"]
+    return recipe["lr"] * min(1.0, step / warmup) if warmup else recipe["lr"]
+
+
+def _with_adapter(
+    model: torch.nn.Module, peft_config: PeftConfig | None, adapter_name: str
+) -> tuple[PeftModel, PeftConfig]:
+    """The ``PeftModel`` to train and its adapter's config as given (before any data initialisation changes it)."""
+    if isinstance(model, PeftModel):
+        if peft_config is not None:
+            raise ValueError("memorize: the model already is a PeftModel; pass either it or a base model + peft_config")
+        adapter_config = model.peft_config.get(adapter_name)
+        if not isinstance(adapter_config, (LocasConfig, LoraConfig)):
+            raise ValueError(f"memorize: the model has no Locas or LoRA adapter named {adapter_name!r}")
+        model.set_adapter(adapter_name)
+        return model, copy.deepcopy(adapter_config)
+    peft_config = LocasConfig() if peft_config is None else peft_config
+    if not isinstance(peft_config, (LocasConfig, LoraConfig)):
+        raise ValueError(f"memorize: trains Locas or LoRA adapters, got a {type(peft_config).__name__}")
+    return get_peft_model(model, copy.deepcopy(peft_config), adapter_name=adapter_name), peft_config
+
+
+def _progress_bar(windows: Sequence[Window], done: int, enabled: bool, desc: str) -> tqdm:
+    total = sum(w.scored for w in windows)
+    initial = sum(w.scored for w in windows[:done])
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True
+    )
+
+
+def _show(bar: tqdm, result: MemorizeResult) -> None:
+    postfix = {"ppl": f"{result.perplexity:.2f}"}
+    if result.baseline_losses is not None:
+        postfix["no-memory ppl"] = f"{result.baseline_perplexity:.2f}"
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(result.token_counts[-1])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ValueError(f"MemorizeConfig: `{name}` must be an integer >= {minimum}, got {value!r}.")

@@ -1,0 +1,58 @@
+"""Tiny model folders with a real (tiny, byte-level BPE) tokenizer, built offline, for command-line tests; and a
+deterministic English-like text to memorise."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+WORDS = (
+    "the queen said that alice would never find the small golden key under the glass table while the white rabbit "
+    "ran past the garden door and the cat smiled at everyone who walked along the long dark hall"
+).split()
+
+
+def sample_text(words: int = 600, seed: int = 0) -> str:
+    """Sentences of random words from a small vocabulary: a text a tiny model can learn something about."""
+    rng = random.Random(seed)
+    sentences, count = [], 0
+    while count < words:
+        length = rng.randint(5, 12)
+        sentences.append(" ".join(rng.choice(WORDS) for _ in range(length)).capitalize() + ".")
+        count += length
+    return " ".join(sentences) + "\n"
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> tf.PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+    )
+    tokenizer.train_from_iterator([sample_text(seed=99)], trainer)
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
+def make_checkpoint(folder: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """Save a seeded tiny Llama and the tiny tokenizer into ``folder``."""
+    tokenizer = tiny_tokenizer()
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    tf.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
