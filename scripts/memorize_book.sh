@@ -10,15 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$python" -m venv .venv
-# shellcheck disable=SC1091
-. .venv/bin/activate
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-
-# The CPU build of torch first where the machine offers it; any torch >= 2.4 works.
-python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.4"
-python -m pip install -q -e .
+# shellcheck source=scripts/setup_env.sh
+. scripts/setup_env.sh
 peft-locas assets
 
 out=${OUT:-$HOME/peft-locas-runs/memorize-book}

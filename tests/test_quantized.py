@@ -5,38 +5,13 @@ import json
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from quantized_bases import QUANTIZATIONS, load
 from tiny_models import WIDTH, tiny_model, tokens
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from peft_locas import LocasConfig, LocasLayer
 
 pytest.importorskip("bitsandbytes")
-
-QUANTIZATIONS = {
-    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-    "nf4-double-bf16": dict(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    ),
-    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
-    "int8": dict(load_in_8bit=True),
-}
-
-
-@pytest.fixture(scope="module")
-def saved_bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bases")
-    for family in ("llama", "gpt2"):
-        tiny_model(family).save_pretrained(root / family)
-    return root
-
-
-def load(saved_bases, family="llama", quantization="nf4"):
-    config = None if quantization is None else BitsAndBytesConfig(**QUANTIZATIONS[quantization])
-    model = AutoModelForCausalLM.from_pretrained(saved_bases / family, quantization_config=config, device_map="cpu")
-    return model.eval()
 
 
 def logits(model, x):

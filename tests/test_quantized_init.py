@@ -5,32 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
-from tiny_models import tiny_model, tokens
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from quantized_bases import load
+from tiny_models import tokens
 
 from peft_locas import LocasConfig, LocasLayer, get_locas_init_state, init_locas_weights
 from peft_locas.projections import read_projection
 
 pytest.importorskip("bitsandbytes")
-
-QUANTIZATIONS = {
-    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-    "int8": dict(load_in_8bit=True),
-}
-
-
-@pytest.fixture(scope="module")
-def saved_bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bases")
-    for family in ("llama", "gpt2"):
-        tiny_model(family).save_pretrained(root / family)
-    return root
-
-
-def _load(saved_bases, family, quantization):
-    config = None if quantization is None else BitsAndBytesConfig(**QUANTIZATIONS[quantization])
-    model = AutoModelForCausalLM.from_pretrained(saved_bases / family, quantization_config=config, device_map="cpu")
-    return model.eval()
 
 
 def _batches():
@@ -44,10 +25,10 @@ def _memories(model):
     return [m.locas_memory["default"] for m in model.modules() if isinstance(m, LocasLayer)]
 
 
-@pytest.mark.parametrize("quantization", list(QUANTIZATIONS))
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_top_k_on_a_quantized_base_uses_its_own_activations(saved_bases, quantization):
     r = 6
-    plain = _load(saved_bases, "llama", quantization)
+    plain = load(saved_bases, "llama", quantization)
     x = tokens()
     with torch.no_grad():
         plain(x)  # bitsandbytes may repack 4-bit weights for its CPU kernel on the first call
@@ -76,12 +57,12 @@ def test_top_k_on_a_quantized_base_uses_its_own_activations(saved_bases, quantiz
         assert torch.equal(model(x).logits, base_logits)
 
 
-@pytest.mark.parametrize("quantization", list(QUANTIZATIONS))
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_full_precision_init_applied_to_a_quantized_copy(saved_bases, quantization):
     x = tokens()
-    full = get_peft_model(_load(saved_bases, "llama", None), LocasConfig(r=6, init_weights="data"))
+    full = get_peft_model(load(saved_bases, "llama", None), LocasConfig(r=6, init_weights="data"))
     state = get_locas_init_state(full, _batches(), show_progress_bar=False)
-    quantized = get_peft_model(_load(saved_bases, "llama", quantization), LocasConfig(r=6, init_weights="data"))
+    quantized = get_peft_model(load(saved_bases, "llama", quantization), LocasConfig(r=6, init_weights="data"))
     with torch.no_grad():
         quantized(x)
         with quantized.disable_adapter():
@@ -95,7 +76,7 @@ def test_full_precision_init_applied_to_a_quantized_copy(saved_bases, quantizati
 
 
 def test_gradient_slots_on_a_4bit_base(saved_bases):
-    model = get_peft_model(_load(saved_bases, "gpt2", "nf4"), LocasConfig(r=4, init_weights="data"))
+    model = get_peft_model(load(saved_bases, "gpt2", "nf4"), LocasConfig(r=4, init_weights="data"))
     init_locas_weights(model, _batches(), method="gradient", show_progress_bar=False)
     memories = _memories(model)
     assert model.peft_config["default"].r == 9 + 5
