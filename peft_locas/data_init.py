@@ -63,7 +63,7 @@ ForwardFn = Callable[[PeftModel, dict[str, Any]], Any]
 class LocasInitState:
     """Initial memories per Locas layer (keyed by module name in the base model), as ``get_locas_init_state`` computed
     them: ``value`` unscaled, float32 on the CPU, ``taus`` the output scales, ``indices`` the cloned base units (cloning
-    methods only). Apply it with ``init_locas_weights(model, init_state=state)``; cache it with :meth:`save`."""
+    methods only). Apply it with ``init_locas_weights(model, init_state=state)``; cache it with `save()`."""
 
     method: str
     memories: dict[str, Units]
@@ -79,7 +79,7 @@ class LocasInitState:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LocasInitState:
-        """Read a state written by :meth:`save`."""
+        """Read a state written by `save()`."""
         with safe_open(os.fspath(path), framework="pt") as f:
             metadata = f.metadata()
             tensors = {key: f.get_tensor(key) for key in f.keys()}
@@ -196,12 +196,29 @@ def init_locas_weights(
     """Initialise the memories of ``adapter_name`` from data, in place; returns the state used (cache it with
     ``state.save(path)``).
 
-    Either computes the state (see :func:`get_locas_init_state` for ``dataloader``, ``method`` and the other
+    Either computes the state (see `get_locas_init_state()` for ``dataloader``, ``method`` and the other
     arguments) or applies ``init_state``, e.g. one computed on a full-precision copy of the model. The base weights
     are untouched; every memory row obeys ``max_norm``; with a value-0 method the model is exactly the base model
     afterwards. ``append=True`` appends the new units after the existing ones (keeping each memory's ``tau``), which
     is how a gradient memory grows chunk after chunk. The config's ``r`` becomes the new width and ``init_weights``
     ``"data"``, so the saved adapter reloads. Create the optimiser afterwards: the memory parameters are new objects.
+
+    Args:
+        peft_model: a ``PeftModel`` with a Locas adapter.
+        dataloader: batches with ``input_ids`` (and optionally ``attention_mask``, ``labels``); not with ``init_state``.
+        method: the initialisation method (see `get_locas_init_state()`).
+        adapter_name: the adapter to initialise.
+        init_state: a state computed earlier (`get_locas_init_state()` or `LocasInitState.load`) to apply instead.
+        append: append the new units after the existing ones instead of replacing the memory.
+        forward_fn: ``forward_fn(model, batch)`` runs a batch, for models not called as ``model(**batch)``.
+        eps: the gradient method's value scale.
+        grad_batch_size: tokens per backward pass of the gradient method.
+        seed: seed of the random methods.
+        gather_distributed: sum statistics over ``torch.distributed`` ranks when initialised.
+        show_progress_bar: show a tqdm bar over the batches.
+
+    Returns:
+        The state that was applied.
     """
     if init_state is None:
         init_state = get_locas_init_state(
@@ -423,7 +440,7 @@ def _gradient_slots(
     stream: _Stream, layers: Mapping[str, LocasLayer], adapter_name: str, eps: float, grad_batch_size: int
 ) -> dict[str, Units]:
     """One slot per counted target token and layer: key ``normalize(A)``, value ``eps * g_l / ||g||`` (see
-    :func:`get_locas_init_state`). ``g_l`` is read from a zero tensor added to each MLP output: the gradient w.r.t. it
+    `get_locas_init_state()`). ``g_l`` is read from a zero tensor added to each MLP output: the gradient w.r.t. it
     is the gradient w.r.t. that output, while every path through the network stays intact."""
     names = list(layers)
     inputs: dict[str, torch.Tensor] = {}

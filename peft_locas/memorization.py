@@ -57,7 +57,7 @@ def templora_config(r: int = 64) -> LoraConfig:
 
 @dataclass
 class MemorizeConfig:
-    """How :func:`memorize` writes a text into an adapter.
+    """How `memorize()` writes a text into an adapter.
 
     Args:
         chunk_tokens: tokens per chunk; each chunk is scored, then trained on.
@@ -196,7 +196,7 @@ def memorize(
         text_or_token_ids: the text, or its token ids (a list or a 1-D / ``(1, n)`` tensor).
         config: the protocol's settings (default ``MemorizeConfig()``).
         peft_config: for a base model: a ``LocasConfig`` (default ``LocasConfig()``) or a ``LoraConfig`` (see
-            :func:`templora_config`). The config object itself is not modified.
+            `templora_config()`). The config object itself is not modified.
         callback: called as ``callback(chunk_index, result_so_far)`` after every chunk (after its checkpoint).
 
     Returns:
@@ -296,7 +296,7 @@ def evaluate(
     compare_baseline: bool = False,
     show_progress: bool = False,
 ) -> MemorizeResult:
-    """Score a text chunk by chunk, exactly as :func:`memorize` does but without training: the perplexity a model
+    """Score a text chunk by chunk, exactly as `memorize()` does but without training: the perplexity a model
     (with its adapter, if any) reaches with only ``context_tokens`` of preceding text in view.
 
     ``compare_baseline`` also scores with the adapter disabled (``model`` must then be a ``PeftModel``).

@@ -22,7 +22,7 @@ class MemorizeResult:
 
     ``losses[i]`` is the mean next-token NLL of chunk ``i`` (over ``token_counts[i]`` tokens) scored before training on
     it; ``baseline_losses[i]`` the same with the adapter disabled (when asked). ``model`` is the trained ``PeftModel``
-    (not serialised), also when :func:`memorize` created it from a base model.
+    (not serialised), also when `memorize()` created it from a base model.
     """
 
     token_counts: list[int] = field(default_factory=list)
