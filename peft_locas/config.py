@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -49,33 +49,33 @@ class LocasConfig(PeftConfig):
     variant: Literal["auto", "glu", "mlp"] = field(
         default="auto", metadata={"help": "'auto', 'glu' (gate/key/value memory) or 'mlp' (key/value memory)."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "MLP blocks to wrap (names or regex). None: every MLP block, found by structure."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "MLP blocks not to wrap (names or regex)."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Layer indices to wrap; None wraps all layers."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list, e.g. 'layers' or 'h'; used with layers_to_transform."}
     )
-    tau: Union[float, Literal["auto"]] = field(
+    tau: float | Literal["auto"] = field(
         default="auto", metadata={"help": "Output scale: 'auto' (mean down-projection unit norm / r) or a float."}
     )
-    max_norm: Optional[float] = field(
+    max_norm: float | None = field(
         default=1.0, metadata={"help": "Row-norm clipping radius used by clip_memory_norms_(); None disables."}
     )
-    init_weights: Union[bool, Literal["gaussian", "data"]] = field(
+    init_weights: bool | Literal["gaussian", "data"] = field(
         default=True,
         metadata={
             "help": "True: clone top units by parameter norms (value 0); 'gaussian'; False: random non-zero; "
             "'data': set by init_locas_weights (construction builds a placeholder)."
         },
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules to train fully and save beside the memory."}
     )
 
@@ -91,7 +91,8 @@ class LocasConfig(PeftConfig):
     def _validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(
-                f"LocasConfig: `r` must be a positive integer (the number of memory units per MLP block), got {self.r!r}."
+                "LocasConfig: `r` must be a positive integer (the number of memory units per MLP block), "
+                f"got {self.r!r}."
             )
         if self.variant not in VARIANTS:
             raise ValueError(f"LocasConfig: unknown `variant` {self.variant!r}; choose one of {', '.join(VARIANTS)}.")
@@ -103,7 +104,8 @@ class LocasConfig(PeftConfig):
             isinstance(self.max_norm, bool) or not isinstance(self.max_norm, (int, float)) or not self.max_norm > 0
         ):
             raise ValueError(
-                f"LocasConfig: `max_norm` must be a positive number, or None to disable clipping, got {self.max_norm!r}."
+                "LocasConfig: `max_norm` must be a positive number, or None to disable clipping, "
+                f"got {self.max_norm!r}."
             )
         if not (isinstance(self.init_weights, bool) or self.init_weights in ("gaussian", "data")):
             raise ValueError(

@@ -7,8 +7,6 @@ only in *direction*, which keeps the ablations comparable.
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
 from .blocks import Units
@@ -45,7 +43,7 @@ def clone_units(units: Units, index: torch.Tensor) -> Units:
     return Units(gate, normalize_rows(units.key[index]), units.value.new_zeros(len(index), units.value.shape[1]))
 
 
-def gaussian_units(units: Units, r: int, random_value: bool, generator: Optional[torch.Generator] = None) -> Units:
+def gaussian_units(units: Units, r: int, random_value: bool, generator: torch.Generator | None = None) -> Units:
     """Random unit-norm gate/key rows shaped like ``units``; value random too when ``random_value``, else zero."""
 
     def draw(like: torch.Tensor) -> torch.Tensor:
@@ -57,7 +55,7 @@ def gaussian_units(units: Units, r: int, random_value: bool, generator: Optional
     return Units(gate, draw(units.key), value)
 
 
-def data_free_memory(units: Units, r: int, init_weights: Union[bool, str]) -> Units:
+def data_free_memory(units: Units, r: int, init_weights: bool | str) -> Units:
     """The initial memory for ``LocasConfig.init_weights``, in float32.
 
     ``"data"`` builds the same value-0 Gaussian memory as ``"gaussian"``: a placeholder of the right shape that
