@@ -55,25 +55,21 @@ def load_model_and_text(name: str, dtype: torch.dtype = torch.float32, **kwargs:
 
 
 @functools.cache
-def tiny_model_folder(family: str = "llama") -> Path:
-    """A seeded random tiny Llama or GPT-2 saved once per process (quantized loading needs a checkpoint on disk)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+def tiny_model_folder() -> Path:
+    """A seeded random tiny Llama saved once per process (quantized loading needs a checkpoint on disk)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    if family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_inner=128))
-    else:
-        config = LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        model = LlamaForCausalLM(config)
-    folder = Path(tempfile.mkdtemp(prefix=f"peft_locas_tiny_{family}_"))
-    model.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="peft_locas_tiny_"))
+    LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
 
