@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .blocks import Units
+from .distributed import Ranks
 from .initialization import (
     auto_tau,
     check_cloning_width,
@@ -146,8 +146,8 @@ def get_locas_init_state(
     if method in DATA_METHODS and dataloader is None:
         raise ValueError(f"init_locas_weights: method={method!r} learns from data; pass a dataloader.")
     forward_fn = forward_fn or _forward
-    sync = gather_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    stream = _Stream(peft_model, dataloader, forward_fn, sync, show_progress_bar)
+    ranks = Ranks.current() if gather_distributed else Ranks()
+    stream = _Stream(peft_model, dataloader, forward_fn, ranks, show_progress_bar)
     learned: dict[str, Units] = {}  # memories the data determines entirely
     scores: dict[str, torch.Tensor] = {}  # per-unit scores of top_k / bottom_k
     if method == "gradient":
@@ -298,11 +298,11 @@ class _Stream:
         peft_model: PeftModel,
         dataloader: Iterable[Mapping[str, Any]] | None,
         forward_fn: ForwardFn,
-        sync: bool,
+        ranks: Ranks,
         show_progress_bar: bool,
     ) -> None:
-        self.model, self.dataloader, self.forward_fn, self.sync = peft_model, dataloader, forward_fn, sync
-        self.show_progress_bar = show_progress_bar and (not sync or dist.get_rank() == 0)
+        self.model, self.dataloader, self.forward_fn, self.ranks = peft_model, dataloader, forward_fn, ranks
+        self.show_progress_bar = show_progress_bar and ranks.is_main
         self.device = next(p.device for p in peft_model.parameters() if p.device.type != "meta")
 
     @contextmanager
@@ -343,7 +343,7 @@ class _Stream:
             count += 1
             yield batch, mask
         total = torch.tensor([count], device=self.device)
-        self.all_reduce_([total])
+        self.ranks.sum_([total])
         if total.item() == 0:
             raise ValueError("init_locas_weights: the dataloader is empty; give it at least one batch of the context.")
 
@@ -370,11 +370,6 @@ class _Stream:
             for handle in handles:
                 handle.remove()
         return tokens
-
-    def all_reduce_(self, tensors: Iterable[torch.Tensor]) -> None:
-        if self.sync:
-            for tensor in tensors:
-                dist.all_reduce(tensor)
 
 
 def _device(module: torch.nn.Module) -> torch.device:
@@ -406,7 +401,7 @@ def _unit_activity(stream: _Stream, layers: Mapping[str, LocasLayer]) -> dict[st
         sums[name] += rows.float().abs().sum(dim=0)
 
     count = torch.tensor(float(stream.accumulate(projections, update)), device=stream.device)
-    stream.all_reduce_([count, *sums.values()])
+    stream.ranks.sum_([count, *sums.values()])
     return {name: total / count.item() for name, total in sums.items()}
 
 
@@ -427,7 +422,7 @@ def _activation_key_memories(
         sums[name] += rows.sum(dim=0)
 
     stream.accumulate(layers, update)
-    stream.all_reduce_([*scatters.values(), *sums.values()])
+    stream.ranks.sum_([*scatters.values(), *sums.values()])
     memories = {}
     for name, memory in current.items():
         keys = principal_keys(scatters[name], sums[name], r).float()
@@ -486,9 +481,8 @@ def _gradient_slots(
         for handle in handles:
             handle.remove()
     slots = {name: Units(None, torch.cat(keys[name]), torch.cat(values[name])) for name in names}
-    if stream.sync:
-        gathered: list[dict[str, Units] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, slots)
+    if stream.ranks.distributed:
+        gathered = stream.ranks.gather(slots)
         slots = {
             name: Units(None, torch.cat([g[name].key for g in gathered]), torch.cat([g[name].value for g in gathered]))
             for name in names

@@ -1,4 +1,5 @@
-"""The few collective operations the memorisation engine needs, as no-ops in a single process.
+"""The few collective operations the memorisation engine and data-driven initialisation need, as no-ops in a single
+process.
 
 The engine does its own data parallelism instead of wrapping the model in ``DistributedDataParallel``: a memory is
 small, so every rank holds all of it and the ranks sum their gradients with one all-reduce per step. That keeps the
@@ -43,6 +44,20 @@ class Ranks:
         if self.distributed:
             dist.all_reduce(total)
         return total.item()
+
+    def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace each tensor, in place, by its sum over the ranks."""
+        if self.distributed:
+            for tensor in tensors:
+                dist.all_reduce(tensor)
+
+    def gather(self, value: object) -> list[object]:
+        """Every rank's ``value`` (any picklable object of our own), in rank order."""
+        if not self.distributed:
+            return [value]
+        gathered: list[object] = [None] * self.size
+        dist.all_gather_object(gathered, value)
+        return gathered
 
     def sum_gradients_(self, parameters: Sequence[torch.nn.Parameter]) -> None:
         """Replace every parameter's gradient by its sum over the ranks (a missing gradient counts as zero), with a
