@@ -55,10 +55,15 @@ class LocasLayer(nn.Module, BaseTunerLayer):
     def set_memory(self, adapter_name: str, memory: Units, tau: float, dtype: torch.dtype | None = None) -> None:
         """(Re)place the memory of ``adapter_name`` by ``memory`` (``value`` unscaled) with output scale ``tau``.
 
-        The width may differ from the current one (initialisers that grow or compress a memory use this).
+        The width may differ from the current one (initialisers that grow or compress a memory use this). A replaced
+        memory's dtype (unless ``dtype`` is given) and trainability carry over to the new one.
         """
         device = next(self.get_base_layer().parameters()).device
-        self.locas_memory[adapter_name] = LocasMemory(memory, tau, device=device, dtype=dtype or memory.key.dtype)
+        old = self.locas_memory[adapter_name] if adapter_name in self.locas_memory else None
+        dtype = dtype or (old.key.dtype if old is not None else memory.key.dtype)
+        self.locas_memory[adapter_name] = LocasMemory(memory, tau, device=device, dtype=dtype)
+        if old is not None:
+            self.locas_memory[adapter_name].requires_grad_(old.key.requires_grad)
 
     def memory_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``tau * Mem(x)`` of one adapter, computed in the memory's dtype."""

@@ -61,8 +61,8 @@ def write_locas_memories(
     """Replace the memory of every layer of ``adapter_name`` by ``memories[name] = (units, tau)``, ``value`` unscaled.
 
     Everything is checked before anything changes. Each new memory keeps the dtype and trainability of the one it
-    replaces, its rows are clipped to the adapter's ``max_norm``, and the config records the new width. Create the
-    optimiser afterwards: the memory parameters are new objects.
+    replaces (``LocasLayer.set_memory`` carries them over), its rows are clipped to the adapter's ``max_norm``, and the
+    config records the new width. Create the optimiser afterwards: the memory parameters are new objects.
     """
     config = locas_config(peft_model, adapter_name)
     layers = locas_layers(peft_model, adapter_name)
@@ -76,13 +76,10 @@ def write_locas_memories(
         _check_shape(name, layer.locas_memory[adapter_name], memories[name][0])
     with torch.no_grad():
         for name, layer in layers.items():
-            old = layer.locas_memory[adapter_name]
             units, tau = memories[name]
-            layer.set_memory(adapter_name, units, tau, dtype=old.key.dtype)
-            new = layer.locas_memory[adapter_name]
-            new.requires_grad_(old.key.requires_grad)
+            layer.set_memory(adapter_name, units, tau)
             if config.max_norm is not None:
-                new.clip_(config.max_norm)
+                layer.locas_memory[adapter_name].clip_(config.max_norm)
     config.r = widths.pop()
     config.init_weights = "data"
 
