@@ -13,6 +13,7 @@ import platform
 import statistics
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,25 +34,51 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores instead of the full run")
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON results")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Pin torch's CPU thread count when ``--threads`` is given (e.g. to share the machine with another run)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
 
 def load_model_and_text(name: str, dtype: torch.dtype = torch.float32, **kwargs: Any):
     """``(model, tokenizer_or_None, token_ids)`` for ``--model``; token ids come from a real book for real models."""
+    model, tokenizer = load_model(name, dtype, **kwargs)
+    return model, tokenizer, torch.tensor([book_token_ids(tokenizer, "pride_and_prejudice", 8192)])
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, **kwargs: Any):
+    """``(model, tokenizer)`` for ``--model``; the tiny random model has no tokenizer (``None``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == "tiny":
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_folder(), dtype=dtype, **kwargs).eval()
-        return model, None, torch.randint(1, 256, (1, 4096), generator=torch.Generator().manual_seed(0))
-    from peft_locas.assets import book_path, default_model_dir
+        return AutoModelForCausalLM.from_pretrained(tiny_model_folder(), dtype=dtype, **kwargs).eval(), None
+    from peft_locas.assets import default_model_dir
 
     folder = default_model_dir() if name == "default" else Path(name)
-    book = book_path("pride_and_prejudice")
-    if folder is None or book is None:
-        raise SystemExit("error: the real model and books are not prepared; run `python -m peft_locas.assets` first")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if folder is None:
+        raise SystemExit("error: the real model is not prepared; run `python -m peft_locas.assets` first")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
-    ids = tokenizer(book.read_text(encoding="utf-8")[:200_000], return_tensors="pt").input_ids
-    return model, tokenizer, ids
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def book_token_ids(tokenizer: Any, book: str, tokens: int) -> list[int]:
+    """The first ``tokens`` token ids of a prepared book; without a tokenizer (tiny model), seeded random ids that
+    differ per book, so smoke tests exercise the same code paths."""
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(zlib.crc32(book.encode()))
+        return torch.randint(1, 256, (tokens,), generator=generator).tolist()
+    from peft_locas.assets import book_path
+
+    path = book_path(book)
+    if path is None:
+        raise SystemExit(f"error: the book {book!r} is not prepared; run `python -m peft_locas.assets` first")
+    ids = tokenizer(path.read_text(encoding="utf-8")[: 8 * tokens], verbose=False)["input_ids"][:tokens]
+    if len(ids) < tokens:
+        raise SystemExit(f"error: {book} has only {len(ids)} tokens, fewer than the {tokens} asked for")
+    return ids
 
 
 @functools.cache

