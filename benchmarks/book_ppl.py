@@ -47,13 +47,18 @@ LOCAS_RUNS = [(4, "top_k"), (16, "top_k"), (64, "top_k"), (64, "gaussian"), (64,
 LORA_R = 64
 
 
-def method_specs(args: argparse.Namespace, lora_lr: float | None) -> list[dict[str, Any]]:
-    """The methods compared on every book (LoRA once its learning rate is known)."""
+def locas_spec(r: int, init: str) -> dict[str, Any]:
+    return {"method": f"locas r={r} {init}", "kind": "locas", "r": r, "init": init}
+
+
+def lora_spec(lr: float) -> dict[str, Any]:
+    return {"method": f"lora r={LORA_R}", "kind": "lora", "r": LORA_R, "lr": lr}
+
+
+def method_specs(lora_lr: float) -> list[dict[str, Any]]:
+    """The methods compared on every book."""
     specs = [{"method": "no memory", "kind": "eval"}, {"method": "long window", "kind": "long"}]
-    specs += [{"method": f"locas r={r} {init}", "kind": "locas", "r": r, "init": init} for r, init in LOCAS_RUNS]
-    if lora_lr is not None:
-        specs.append({"method": f"lora r={LORA_R}", "kind": "lora", "r": LORA_R, "lr": lora_lr})
-    return specs
+    return specs + [locas_spec(r, init) for r, init in LOCAS_RUNS] + [lora_spec(lora_lr)]
 
 
 def run_one(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -65,7 +70,7 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         chunk, context = args.chunk, args.context
         if spec["kind"] == "long":
             positions = model.config.max_position_embeddings
-            chunk = min(args.long_chunk, positions // 2)
+            chunk = min(args.long_chunk, positions // 2, len(ids))
             context = positions - chunk
         result = evaluate(model, tokenizer, ids, chunk_tokens=chunk, context_tokens=context)
         return {"result": result.to_dict(), "extra_params": 0, "chunk": chunk, "context": context}
@@ -235,16 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sweep-book {args.sweep_book} is also benchmarked; tune LoRA on a different novel")
     sweep = {}
     for lr in (float(value) for value in args.lora_lrs.split(",")):
-        spec = {"book": args.sweep_book, "tokens": sweep_tokens, "method": f"lora r={LORA_R}", "kind": "lora"}
-        sweep[lr] = completed({**spec, "r": LORA_R, "lr": lr}, args)["result"]["perplexity"]
+        spec = {**lora_spec(lr), "book": args.sweep_book, "tokens": sweep_tokens}
+        sweep[lr] = completed(spec, args)["result"]["perplexity"]
     lora_lr = min(sweep, key=sweep.get)
     print(f"LoRA lr sweep on {args.sweep_book}: {sweep}; chose {lora_lr:g}", flush=True)
 
     per_book = {}
     for book in books:
-        per_book[book] = [
-            completed({**spec, "book": book, "tokens": tokens}, args) for spec in method_specs(args, lora_lr)
-        ]
+        per_book[book] = [completed({**spec, "book": book, "tokens": tokens}, args) for spec in method_specs(lora_lr)]
     tables = {}
     for book, records in per_book.items():
         tables[book] = summary_rows(records)

@@ -81,6 +81,13 @@ def book_token_ids(tokenizer: Any, book: str, tokens: int) -> list[int]:
     return ids
 
 
+def text_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
+    """Text to token ids without special tokens; the tiny model (vocabulary 256, no tokenizer) reads UTF-8 bytes."""
+    if tokenizer is None:
+        return lambda text: list(text.encode("utf-8"))
+    return lambda text: tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
 @functools.cache
 def tiny_model_folder() -> Path:
     """A seeded random tiny Llama saved once per process (quantized loading needs a checkpoint on disk)."""

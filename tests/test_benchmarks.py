@@ -43,7 +43,117 @@ def test_benchmark_smallest_mode(tmp_path, script, extra, keys):
         assert all(row["tokens/s"] > 0 for row in result["inference"])
 
 
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--model", "tiny", "--quick", *args],
+        capture_output=True,
+        text=True,
+        cwd=BENCHMARKS,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_book_ppl_and_forgetting_smallest_mode(tmp_path):
+    """book_ppl runs every method once per book in its own process; a rerun reuses them; forgetting reuses the
+    memories book_ppl trained (same protocol, same checkpoints)."""
+    work, book_json = tmp_path / "work", tmp_path / "book.json"
+    args = ["--books", "emma", "--tokens", "512", "--sweep-tokens", "256", "--lora-lrs", "1e-3,3e-3"]
+    args += ["--chunk", "128", "--context", "64", "--work", str(work), "--out", str(book_json)]
+    first = run_benchmark("book_ppl.py", *args)
+    assert "running locas r=64 top_k on emma (512 tokens)" in first.stdout
+    result = json.loads(book_json.read_text())
+    assert set(result["lora_lr_sweep"]["perplexity_by_lr"]) == {"0.001", "0.003"}
+    sweep = result["lora_lr_sweep"]["perplexity_by_lr"]
+    assert result["lora_lr_sweep"]["chosen"] == float(min(sweep, key=sweep.get))
+    rows = {row["method"]: row for row in result["tables"]["emma"]}
+    assert list(rows) == [
+        "no memory",
+        "long window",
+        "locas r=4 top_k",
+        "locas r=16 top_k",
+        "locas r=64 top_k",
+        "locas r=64 gaussian",
+        "locas r=64 random_clone",
+        "locas r=64 bottom_k",
+        "lora r=64",
+    ]
+    # the tiny Llama: 2 layers, hidden 64, intermediate 128; LoRA on q, k, v, o, gate, up, down
+    assert rows["locas r=64 top_k"]["extra params"] == 2 * 3 * 64 * 64
+    assert rows["lora r=64"]["extra params"] == 2 * 64 * (128 + 96 + 96 + 128 + 192 * 3)
+    assert rows["no memory"]["time / no memory"] == 1 and rows["lora r=64"]["params / lora"] == 1
+    for run in result["runs"]["emma"]:
+        assert sum(run["result"]["token_counts"]) == 511  # every token but the first is predicted
+        assert all(loss == loss and loss > 0 for loss in run["result"]["losses"])
+    assert (tmp_path / result["plot"]).stat().st_size > 10_000
+
+    again = run_benchmark("book_ppl.py", *args)
+    assert "running" not in again.stdout and json.loads(book_json.read_text())["tables"] == result["tables"]
+
+    checkpoints = sorted(work.glob("*.checkpoint"))
+    out = tmp_path / "forgetting.json"
+    mmlu = tmp_path / "mmlu.jsonl"
+    rows = [
+        {"question": f"What is {a} + {a}?", **{f"answer_{k}": str(2 * a + "abcd".index(k)) for k in "abcd"}}
+        | {"correct_answer": "A", "topic": "arithmetic"}
+        for a in range(6)
+    ]
+    mmlu.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    forgetting_args = ["--book", "emma", "--tokens", "512", "--chunk", "128", "--context", "64", "--questions", "5"]
+    forgetting_args += [
+        "--mmlu",
+        str(mmlu),
+        "--heldout-tokens",
+        "256",
+        "--lora-lr",
+        str(result["lora_lr_sweep"]["chosen"]),
+    ]
+    run_benchmark("forgetting.py", *forgetting_args, "--work", str(work), "--out", str(out))
+    assert sorted(work.glob("*.checkpoint")) == checkpoints  # nothing trained again
+    forgetting = {row["model"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(forgetting) == [
+        "base",
+        "locas r=64 top_k unmerged",
+        "locas r=64 top_k merged",
+        "lora r=64 unmerged",
+        "lora r=64 merged",
+    ]
+    for merged, unmerged in (
+        ("locas r=64 top_k merged", "locas r=64 top_k unmerged"),
+        ("lora r=64 merged", "lora r=64 unmerged"),
+    ):
+        assert forgetting[merged]["gold loglik"] == pytest.approx(forgetting[unmerged]["gold loglik"], abs=1e-3)
+        assert forgetting[merged]["held-out ppl"] == pytest.approx(forgetting[unmerged]["held-out ppl"], rel=1e-4)
+    assert forgetting["base"]["gold loglik change"] == 0
+
+
+def test_cloze_scoring_with_a_shared_prompt_cache_matches_whole_sequences():
+    """forgetting.py reads the prompt once and scores the options from its cache; the result must equal scoring
+    each prompt + option sequence on its own."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from common import tiny_model_folder
+        from forgetting import option_logliks
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_folder()).eval()
+    prompt, options = [5, 17, 99, 3, 42], [[7], [8, 9, 10], [200, 1], [33, 34, 35, 36]]
+    expected = []
+    with torch.no_grad():
+        for option in options:
+            ids = torch.tensor([prompt + option])
+            logprobs = F.log_softmax(model(ids).logits[0].float(), dim=-1)
+            positions = torch.arange(len(prompt), len(prompt) + len(option))
+            expected.append(logprobs[positions - 1, ids[0, positions]].sum().item())
+    assert option_logliks(model, prompt, options) == pytest.approx(expected, abs=1e-4)
+    assert option_logliks(model, prompt, [[7], [7]]) == pytest.approx(expected[:1] * 2, abs=1e-4)  # one-token options
+
+
 def test_benchmarks_explain_themselves():
-    for script in ("overhead.py", "merge_fidelity.py", "cuda_check.py"):
+    for script in ("overhead.py", "merge_fidelity.py", "cuda_check.py", "book_ppl.py", "forgetting.py"):
         done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "usage:" in done.stdout
