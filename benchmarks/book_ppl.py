@@ -66,17 +66,20 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     apply_threads(args)
     model, tokenizer = load_model(args.model)
     ids = book_token_ids(tokenizer, spec["book"], spec["tokens"])
+    cpu_started = time.process_time()  # all threads' CPU time: less sensitive than wall time to a busy machine
+    chunk, context, extra = args.chunk, args.context, 0
     if spec["kind"] in ("eval", "long"):
-        chunk, context = args.chunk, args.context
         if spec["kind"] == "long":
             positions = model.config.max_position_embeddings
             chunk = min(args.long_chunk, positions // 2, len(ids))
             context = positions - chunk
         result = evaluate(model, tokenizer, ids, chunk_tokens=chunk, context_tokens=context)
-        return {"result": result.to_dict(), "extra_params": 0, "chunk": chunk, "context": context}
-    result = memorize_run(model, tokenizer, ids, spec, args)
-    extra = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
-    return {"result": result.to_dict(), "extra_params": extra, "chunk": args.chunk, "context": args.context}
+    else:
+        result = memorize_run(model, tokenizer, ids, spec, args)
+        extra = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
+    # CPU time covers this process only: for a run resumed from a checkpoint, its last part
+    cpu = time.process_time() - cpu_started
+    return {"result": result.to_dict(), "extra_params": extra, "chunk": chunk, "context": context, "cpu_time_s": cpu}
 
 
 def memorize_run(model, tokenizer, ids: list[int], spec: dict[str, Any], args: argparse.Namespace) -> MemorizeResult:
@@ -151,7 +154,9 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "extra params": record["extra_params"],
                 "params / lora": record["extra_params"] / lora["extra_params"] if lora else None,
                 "time / no memory": result["wall_time_s"] / reference["wall_time_s"],
+                "cpu / no memory": record["cpu_time_s"] / by_method["no memory"]["cpu_time_s"],
                 "time / lora": result["wall_time_s"] / lora["result"]["wall_time_s"] if lora else None,
+                "cpu / lora": record["cpu_time_s"] / lora["cpu_time_s"] if lora else None,
                 "peak mem / no memory": result["peak_memory_bytes"] / reference["peak_memory_bytes"],
                 "wall s": result["wall_time_s"],
             }

@@ -49,6 +49,15 @@ def zero_units(like: Units, count: int) -> Units:
     return Units(*(None if t is None else t.new_zeros(count, t.shape[1]) for t in like))
 
 
+def units_output(units: Units, x: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The summed output of ``units`` for inputs ``x``, computed in ``x``'s dtype from the weights as read (biases left
+    out: merging never touches them). Applied to a block's `BlockKind.read_units`, it recomputes the block without its
+    kernels, e.g. in fp32 over a quantized block, to measure exactly what a merge changed."""
+    key = x @ units.key.to(x.dtype).T
+    hidden = activation(x @ units.gate.to(x.dtype).T) * key if units.gate is not None else activation(key)
+    return hidden @ units.value.to(x.dtype)
+
+
 def is_projection(module: object) -> bool:
     """Whether ``module`` is a layer whose weights `peft_locas.projections` can read."""
     return isinstance(module, nn.Module) and read_projection.dispatch(type(module)) is not read_projection.dispatch(

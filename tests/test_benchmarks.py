@@ -30,7 +30,9 @@ def test_benchmark_smallest_mode(tmp_path, script, extra, keys):
     assert keys <= result.keys() and result["machine"]["torch"]
     if script == "merge_fidelity.py":
         rows = {row["setting"]: row for row in result["rows"]}
-        assert rows["fp32 merge_and_unload"]["max abs diff"] < 1e-4
+        assert rows["fp32 merge"]["max abs diff"] < 1e-4
+        assert rows["fp32 merge"]["effect kept per block"] == pytest.approx(1, abs=1e-4)
+        assert rows["nf4 re-quantized merge"]["memory effect (mean abs)"] > 1e-4  # the memory was trained first
         assert set(rows) >= {
             "int8 re-quantized merge",
             "int8 float export",

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from peft_locas import LocasConfig
 from peft_locas.assets import book_path, default_model_dir
+from peft_locas.blocks import units_output
 
 MODEL_DIR = default_model_dir()
 BOOK = book_path("pride_and_prejudice")
@@ -61,12 +62,8 @@ def test_wrapped_untrained_equals_base_and_merge_equals_unmerged(paragraph):
 
 def _float_block_output(layer, x):
     """The block's output computed in fp32 from its (dequantized) weights: no kernel rounding involved."""
-    kind, block = layer.block_kind, layer.get_base_layer()
-    units = kind.read_units(block)
-    act = kind.activation(block)
-    key = x @ units.key.float().T
-    hidden = act(x @ units.gate.float().T) * key if units.gate is not None else act(key)
-    return hidden @ units.value.float()
+    block = layer.get_base_layer()
+    return units_output(layer.block_kind.read_units(block), x.float(), layer.block_kind.activation(block))
 
 
 def test_four_bit_real_model_merge_keeps_the_memory(paragraph):
