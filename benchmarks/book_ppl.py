@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -96,7 +97,7 @@ def memorize_run(model, tokenizer, ids: list[int], spec: dict[str, Any], args: a
         lr=lr,
         init=spec.get("init"),
         seed=args.seed,
-        checkpoint_dir=Path(args.work) / f"{run_id(spec)}.checkpoint",
+        checkpoint_dir=checkpoint_dir(spec, args),
         checkpoint_every=8,
         show_progress=sys.stderr.isatty(),
     )
@@ -109,6 +110,10 @@ def run_id(spec: dict[str, Any]) -> str:
     return f"{spec['book']}__{method}{lr}__{spec['tokens']}"
 
 
+def checkpoint_dir(spec: dict[str, Any], args: argparse.Namespace) -> Path:
+    return Path(args.work) / f"{run_id(spec)}.checkpoint"
+
+
 def completed(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The run's record: read from ``--work`` when a run with the same settings finished, else run in a subprocess."""
     path = Path(args.work) / f"{run_id(spec)}.json"
@@ -117,7 +122,8 @@ def completed(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         record = json.loads(path.read_text())
         if record["spec"] == spec and record["settings"] == settings:
             return record
-        print(f"{path.name}: settings changed, running again", flush=True)
+        print(f"{path.name}: other settings; discarding this run and its checkpoint, running again", flush=True)
+        shutil.rmtree(checkpoint_dir(spec, args), ignore_errors=True)
     print(f"running {spec['method']} on {spec['book']} ({spec['tokens']} tokens)", flush=True)
     command = [sys.executable, __file__, "--run", json.dumps(spec), *child_arguments(args)]
     done = subprocess.run(command)

@@ -159,3 +159,19 @@ def test_benchmarks_explain_themselves():
     for script in ("overhead.py", "merge_fidelity.py", "cuda_check.py", "book_ppl.py", "forgetting.py"):
         done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "usage:" in done.stdout
+
+
+def test_results_page_tables_are_rendered_from_the_committed_results(tmp_path):
+    """docs/benchmarks.md includes the tables benchmarks/report.py renders; they must match the committed JSON."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from report import DOCS, render
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    written = render(BENCHMARKS / "results", tmp_path)
+    assert {path.name for path in written} >= {"overhead.md", "merge_fidelity.md", "init_ablation.md"}
+    committed = DOCS / "benchmark-results"
+    for path in written:
+        assert (committed / path.name).read_bytes() == path.read_bytes(), (
+            f"docs/benchmark-results/{path.name} is stale: run `python benchmarks/report.py`"
+        )
