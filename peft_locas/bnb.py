@@ -18,6 +18,7 @@ from bitsandbytes.nn import Linear4bit, Linear8bitLt
 from .projections import (
     ProjectionWeights,
     is_quantized,
+    protect_layout_,
     read_projection,
     snapshot_projection,
     unit_granularity,
@@ -44,6 +45,23 @@ def _unpack_for_cpu(data: torch.Tensor, state: bnb.functional.QuantState):
     if state.absmax.dim() == 2:
         state.absmax = state.absmax.T.reshape(-1).float()
     return data, state
+
+
+def _unpack_before_saving(layer: Linear4bit, prefix: str, keep_vars: bool) -> None:
+    weight = layer.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        weight.data, weight.quant_state = _unpack_for_cpu(weight.data, weight.quant_state)
+
+
+@protect_layout_.register
+def _(layer: Linear4bit) -> None:
+    """bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first inference forward, and its
+    ``state_dict()`` undoes that in place with the bug `_unpack_for_cpu` corrects, leaving a corrupt base (logits off by
+    tens on SmolLM2). A state-dict pre-hook unpacks the weight correctly first; the kernel repacks it on its next
+    forward, so the layer keeps its fast path and its exact results."""
+    if not getattr(layer, "_locas_unpacks_before_saving", False):
+        layer.register_state_dict_pre_hook(_unpack_before_saving)
+        layer._locas_unpacks_before_saving = True
 
 
 @read_projection.register

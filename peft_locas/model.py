@@ -15,6 +15,7 @@ from .config import LocasConfig
 from .export import dequantize_base_model, make_block_widths_uniform
 from .initialization import check_cloning_width
 from .layer import LocasLayer
+from .projections import protect_layout_
 from .registration import LOCAS_PREFIX
 
 
@@ -55,6 +56,8 @@ class LocasModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: LocasConfig, model: nn.Module) -> None:
+        for module in model.modules():
+            protect_layout_(module)
         blocks = [name for name, _, _ in iter_mlp_blocks(model)]
         if peft_config.target_modules is None:
             if not blocks:

@@ -71,6 +71,13 @@ def snapshot_projection(layer: nn.Module) -> Callable[[], None]:
     return restore
 
 
+@singledispatch
+def protect_layout_(layer: nn.Module) -> None:
+    """Make ``layer.state_dict()`` safe to call. A no-op except for layers whose kernels repack weights behind their
+    owners' backs and whose ``state_dict()`` undoes that wrongly (bitsandbytes 4-bit on CPU); applied to every module
+    of a model Locas wraps, as PEFT saves and loads adapters through ``state_dict()``."""
+
+
 def projection_size(layer: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` without reading (or dequantizing) the weights; Conv1D calls them nf/nx."""
     if hasattr(layer, "nf"):
