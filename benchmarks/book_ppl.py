@@ -171,34 +171,34 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(books: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Running prequential perplexity, and each chunk's loss gain over no memory, against the position in the book."""
+    """Running prequential perplexity, and each chunk's loss gain over no memory, against the position in the book
+    (one colour per method in every panel; the long window, chunked differently, has no per-chunk gain)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6 * len(books), 8), dpi=110, layout="constrained")
     axes = figure.subplots(2, len(books), squeeze=False)
     for column, (book, records) in enumerate(books.items()):
         reference = next(r for r in records if r["spec"]["method"] == "no memory")["result"]
-        for record in records:
+        for index, record in enumerate(records):
             result = MemorizeResult.from_dict(record["result"])
             position = list(itertools.accumulate(result.token_counts))
             nll = list(
                 itertools.accumulate(n * loss for n, loss in zip(result.token_counts, result.losses, strict=True))
             )
-            style = "--" if record["spec"]["kind"] in ("eval", "long") else "-"
+            style = {"linestyle": "--" if record["spec"]["kind"] in ("eval", "long") else "-", "color": f"C{index}"}
             label = f"{record['spec']['method']} ({result.perplexity:.2f})"
-            axes[0, column].plot(
-                position, [math.exp(s / p) for s, p in zip(nll, position, strict=True)], style, label=label
-            )
+            running = [math.exp(s / p) for s, p in zip(nll, position, strict=True)]
+            axes[0, column].plot(position, running, label=label, **style)
             if record["spec"]["kind"] != "eval" and result.token_counts == reference["token_counts"]:
                 gain = [b - a for a, b in zip(result.losses, reference["losses"], strict=True)]
-                axes[1, column].plot(position, moving_average(gain, 4), style, label=record["spec"]["method"])
+                axes[1, column].plot(position, moving_average(gain, 4), label=record["spec"]["method"], **style)
         axes[0, column].set_title(f"{book.replace('_', ' ')}: prequential perplexity so far")
         axes[1, column].set_title("loss gain over no memory per chunk (nats/token, 4-chunk mean)")
         axes[1, column].axhline(0, color="grey", linewidth=0.8)
         for ax in axes[:, column]:
             ax.set_xlabel("tokens read")
             ax.grid(alpha=0.3)
-        axes[0, column].legend(fontsize=7)
+            ax.legend(fontsize=7)
     figure.savefig(path)
 
 

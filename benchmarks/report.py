@@ -34,6 +34,10 @@ def fixed(digits: int) -> Callable[[float], str]:
     return lambda value: f"{value:.{digits}f}"
 
 
+def signed(digits: int) -> Callable[[float], str]:
+    return lambda value: f"{value:+.{digits}f}"
+
+
 def ratio(value: float) -> str:
     return f"{value:.2f}x"
 
@@ -44,6 +48,10 @@ def millions(value: int) -> str:
 
 def percent(value: float) -> str:
     return f"{100 * value:+.2f}%"
+
+
+def title(slug: str) -> str:
+    return " ".join(word if word in ("and", "of") else word.capitalize() for word in slug.split("_"))
 
 
 def source_line(result: dict[str, Any], name: str) -> str:
@@ -74,12 +82,12 @@ def book_ppl_tables(result: dict[str, Any]) -> str:
     }
     parts = [source_line(result, "book_ppl")]
     for book, rows in result["tables"].items():
-        parts.append(f"\n**{book.replace('_', ' ').title()}**, first {result['tokens_per_book']:,} tokens:\n\n")
+        parts.append(f"\n**{title(book)}**, first {result['tokens_per_book']:,} tokens:\n\n")
         parts.append(table(rows, columns))
     sweep = result["lora_lr_sweep"]
     sweep_rows = [{"lr": lr, "ppl": ppl} for lr, ppl in sweep["perplexity_by_lr"].items()]
     parts.append(
-        f"\nLoRA learning-rate sweep on {sweep['book'].replace('_', ' ').title()} (first {sweep['tokens']:,} tokens; "
+        f"\nLoRA learning-rate sweep on {title(sweep['book'])} (first {sweep['tokens']:,} tokens; "
         f"chosen: {sweep['chosen']:g}):\n\n"
     )
     parts.append(table(sweep_rows, {"lr": None, "ppl": fixed(3)}))
@@ -92,17 +100,17 @@ def forgetting_table(result: dict[str, Any]) -> str:
     columns = {
         "model": None,
         "gold loglik": fixed(3),
-        "gold loglik change": fixed(3),
+        "gold loglik change": signed(3),
         "accuracy": fixed(3),
-        "accuracy change": fixed(3),
+        "accuracy change": signed(3),
         "accuracy (norm)": fixed(3),
         "held-out ppl": fixed(2),
         "held-out ppl change": percent,
     }
     intro = (
-        f"After memorising the first {result['tokens']:,} tokens of {result['book'].replace('_', ' ').title()}; "
+        f"After memorising the first {result['tokens']:,} tokens of {title(result['book'])}; "
         f"{result['questions']} MMLU questions; held-out text: the first {result['heldout_tokens']:,} tokens of "
-        f"{result['heldout'].replace('_', ' ').title()}; LoRA lr {result['lora_lr']:g}.\n\n"
+        f"{title(result['heldout'])}; LoRA lr {result['lora_lr']:g}.\n\n"
     )
     return source_line(result, "forgetting") + "\n" + intro + table(result["rows"], columns)
 
@@ -162,7 +170,7 @@ def targets_table(results: dict[str, dict[str, Any]]) -> str:
     for book, table_rows in results["book_ppl"]["tables"].items():
         by = {row["method"]: row for row in table_rows}
         locas, lora, gaussian = by["locas r=64 top_k"], by["lora r=64"], by["locas r=64 gaussian"]
-        name = book.replace("_", " ").title()
+        name = title(book)
         add(
             f"{name}: Locas r=64 PPL <= LoRA r=64",
             f"{locas['ppl']:.2f} vs {lora['ppl']:.2f}",
@@ -180,13 +188,14 @@ def targets_table(results: dict[str, dict[str, Any]]) -> str:
         by = {row["model"]: row for row in results["forgetting"]["rows"]}
         for state in ("unmerged", "merged"):
             locas, lora = by[f"locas r=64 top_k {state}"], by[f"lora r=64 {state}"]
-            for key, label, decline, show in (
-                ("gold loglik change", "MMLU gold log-likelihood: change above LoRA's (less lost)", -1, fixed(3)),
-                ("held-out ppl change", "held-out PPL: change below LoRA's", 1, percent),
+            for key, label, worse, show in (
+                ("gold loglik change", "MMLU gold log-likelihood", -1, signed(3)),
+                ("held-out ppl change", "held-out perplexity", 1, percent),
             ):
-                measured = f"{show(locas[key])} vs {show(lora[key])}"
-                met = decline * locas[key] < decline * lora[key]
-                add(f"forgetting ({state}): {label}", measured, met)
+                # what was lost: a change in the worse direction (an improvement loses nothing)
+                lost = {name: max(0.0, worse * row[key]) for name, row in (("locas", locas), ("lora", lora))}
+                measured = f"change {show(locas[key])} vs {show(lora[key])}"
+                add(f"forgetting ({state}): {label} lost, Locas <= LoRA", measured, lost["locas"] <= lost["lora"])
     by = {row["variant"]: row for row in results["overhead"]["inference"]}
     locas, lora = by["locas r=64"], by["lora r=64"]
     overhead = f"{percent(locas['time vs base'] - 1)} (LoRA {percent(lora['time vs base'] - 1)})"
