@@ -6,23 +6,20 @@ then measure the loss on the *next* 256 tokens. The paper's PG-19 ablation (Qwen
 first, then random-unit and least-active cloning, with Gaussian far behind. Needs the offline assets
 (``python -m peft_locas.assets``); writes ``benchmarks/results/init_ablation.json``.
 
-    python benchmarks/init_ablation.py [--offsets 1000,3000,6000,9000] [--steps 4] [--out ...]
+    python benchmarks/init_ablation.py [--quick] [--offsets 1000,3000,6000,9000] [--steps 4] [--out ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import add_common_arguments, apply_threads, book_token_ids, load_model, write_results
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_locas import LocasConfig, init_locas_weights
-from peft_locas.assets import book_path, default_model_dir
 
 METHODS = ("top_k", "random_clone", "bottom_k", "activation_keys", "param_norm", "gaussian")
 
@@ -47,22 +44,17 @@ def next_chunk_loss(base, method: str, train: torch.Tensor, next_chunk: torch.Te
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--offsets", default="1000,3000,6000,9000", help="token offsets of the training chunks")
+    add_common_arguments(parser)
+    parser.add_argument("--offsets", default=None, help="token offsets of the training chunks (quick: one)")
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "init_ablation.json")
     args = parser.parse_args(argv)
-    model_dir, book = default_model_dir(), book_path("pride_and_prejudice")
-    if model_dir is None or book is None:
-        print("assets missing: run `python -m peft_locas.assets` first", file=sys.stderr)
-        return 1
-    offsets = [int(o) for o in args.offsets.split(",")]
-    ids = AutoTokenizer.from_pretrained(model_dir)(
-        book.read_text(encoding="utf-8")[:60_000], return_tensors="pt"
-    ).input_ids
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    apply_threads(args)
+    offsets = [int(o) for o in (args.offsets or ("1000" if args.quick else "1000,3000,6000,9000")).split(",")]
+    base, tokenizer = load_model(args.model)
+    ids = torch.tensor([book_token_ids(tokenizer, "pride_and_prejudice", max(offsets) + 2 * args.chunk)])
     runs = []
     for offset in offsets:
         train = ids[:, offset : offset + args.chunk]
@@ -81,16 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         runs.append({"offset": offset, "no_memory": no_memory, "next_chunk_loss": losses})
     margins = [run["next_chunk_loss"]["gaussian"] - run["next_chunk_loss"]["top_k"] for run in runs]
     summary = {
-        "model": str(model_dir.name),
+        "model": args.model,
         "book": "pride_and_prejudice",
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {
+            "offsets": ",".join(map(str, offsets)),
+            "chunk": args.chunk,
+            "steps": args.steps,
+            "lr": args.lr,
+            "r": args.r,
+        },
         "runs": runs,
         "mean_next_chunk_loss": {m: sum(run["next_chunk_loss"][m] for run in runs) / len(runs) for m in METHODS},
         "gaussian_minus_top_k": margins,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"gaussian - top_k margin per offset: {', '.join(f'{m:+.4f}' for m in margins)} nats; wrote {args.out}")
+    path = write_results("init_ablation", args, summary)
+    print(f"gaussian - top_k margin per offset: {', '.join(f'{m:+.4f}' for m in margins)} nats; wrote {path}")
     return 0
 
 

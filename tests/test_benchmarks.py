@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     [
         ("overhead.py", ["--tokens", "32", "--repeats", "1"], {"inference", "training", "init_vs_forward"}),
         ("merge_fidelity.py", ["--tokens", "32"], {"rows"}),
+        ("init_ablation.py", ["--chunk", "32", "--steps", "1", "--offsets", "0,64"], {"runs", "mean_next_chunk_loss"}),
     ],
 )
 def test_benchmark_smallest_mode(tmp_path, script, extra, keys):
@@ -39,6 +40,11 @@ def test_benchmark_smallest_mode(tmp_path, script, extra, keys):
             "nf4 re-quantized merge",
             "nf4 float export",
         }
+    elif script == "init_ablation.py":
+        assert [run["offset"] for run in result["runs"]] == [0, 64]
+        losses = result["mean_next_chunk_loss"]
+        assert set(losses) == {"top_k", "random_clone", "bottom_k", "activation_keys", "param_norm", "gaussian"}
+        assert all(0 < loss < 10 for loss in losses.values())  # a random model over 256 tokens: about ln 256 = 5.5
     else:
         variants = [row["variant"] for row in result["inference"]]
         assert variants == ["base", "locas r=16", "locas r=64", "locas r=256", "locas r=64 merged", "lora r=64"]
@@ -156,7 +162,14 @@ def test_cloze_scoring_with_a_shared_prompt_cache_matches_whole_sequences():
 
 
 def test_benchmarks_explain_themselves():
-    for script in ("overhead.py", "merge_fidelity.py", "cuda_check.py", "book_ppl.py", "forgetting.py"):
+    for script in (
+        "overhead.py",
+        "merge_fidelity.py",
+        "cuda_check.py",
+        "book_ppl.py",
+        "forgetting.py",
+        "init_ablation.py",
+    ):
         done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "usage:" in done.stdout
 
