@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import add_common_arguments, apply_threads, load_model, load_model_and_text, print_table, write_results
+from common import add_common_arguments, apply_threads, book_token_ids, load_model, print_table, write_results
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import BitsAndBytesConfig
 
@@ -36,17 +36,16 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x).logits.float()
 
 
-def trained_memory(args: argparse.Namespace, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A Locas memory (r = ``--r``) trained on the text after ``x`` (so ``x`` itself is new to it)."""
-    model, _ = load_model(args.model)
+def trained_memory(args: argparse.Namespace, tokens: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The book's first ``tokens`` token ids (the text compared), and a Locas memory (r = ``--r``) trained on the
+    text after them, so the compared text is new to it."""
+    model, tokenizer = load_model(args.model)
     chunk = 128 if args.quick else 512
-    ids = load_model_and_text(args.model)[2][0, x.shape[1] :]
-    config = MemorizeConfig(
-        chunk_tokens=chunk, context_tokens=chunk // 2, max_tokens=args.chunks * chunk, seed=args.seed
-    )
-    result = memorize(model, None, ids, config, peft_config=LocasConfig(r=args.r, init_weights="data"))
+    ids = book_token_ids(tokenizer, "pride_and_prejudice", tokens + args.chunks * chunk)
+    config = MemorizeConfig(chunk_tokens=chunk, context_tokens=chunk // 2, seed=args.seed)
+    result = memorize(model, None, ids[tokens:], config, peft_config=LocasConfig(r=args.r, init_weights="data"))
     print(f"memory trained on {result.total_tokens} tokens: prequential perplexity {result.perplexity:.2f}")
-    return get_peft_model_state_dict(result.model)
+    return torch.tensor([ids[:tokens]]), get_peft_model_state_dict(result.model)
 
 
 def with_memory(model: torch.nn.Module, state: dict[str, torch.Tensor], r: int):
@@ -108,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     apply_threads(args)
     tokens = args.tokens or (128 if args.quick else 512)
-    x = load_model_and_text(args.model)[2][:, :tokens]
-    state = trained_memory(args, x)
+    x, state = trained_memory(args, tokens)
 
     rows = []
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
