@@ -154,8 +154,9 @@ def init_ablation_table(result: dict[str, Any]) -> str:
     rows.append({"method": "no memory", "loss": no_memory})
     settings = result["settings"]
     return (
-        f"*From `benchmarks/results/init_ablation.json` (r={settings['r']}, {settings['chunk']}-token chunks, "
-        f"{settings['steps']} steps, offsets {settings['offsets']}).*\n\n"
+        source_line(result, "init_ablation")
+        + f"\nr={settings['r']}, {settings['chunk']}-token chunks, {settings['steps']} steps, "
+        + f"offsets {settings['offsets']}:\n\n"
         + table(sorted(rows, key=lambda row: row["loss"]), {"method": None, "loss": fixed(4)})
     )
 
