@@ -43,12 +43,6 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def load_model_and_text(name: str, dtype: torch.dtype = torch.float32, **kwargs: Any):
-    """``(model, tokenizer_or_None, token_ids)`` for ``--model``; token ids come from a real book for real models."""
-    model, tokenizer = load_model(name, dtype, **kwargs)
-    return model, tokenizer, torch.tensor([book_token_ids(tokenizer, "pride_and_prejudice", 8192)])
-
-
 def load_model(name: str, dtype: torch.dtype = torch.float32, **kwargs: Any):
     """``(model, tokenizer)`` for ``--model``; the tiny random model has no tokenizer (``None``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -16,7 +16,7 @@ import argparse
 import copy
 
 import torch
-from common import add_common_arguments, load_model_and_text, median_seconds, print_table, write_results
+from common import add_common_arguments, book_token_ids, load_model, median_seconds, print_table, write_results
 from peft import LoraConfig, get_peft_model
 
 from peft_locas import LocasConfig, LocasLayer
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (3 if args.quick else 7)
     torch.manual_seed(args.seed)
 
-    base, _, ids = load_model_and_text(args.model)
-    x = ids[:, :tokens]
+    base, tokenizer = load_model(args.model)
+    x = torch.tensor([book_token_ids(tokenizer, "pride_and_prejudice", tokens)])
     locas = get_peft_model(copy.deepcopy(base), LocasConfig(r=LOCAS_WIDTHS[0], init_weights=False), adapter_name="r16")
     for r in LOCAS_WIDTHS[1:]:
         locas.add_adapter(f"r{r}", LocasConfig(r=r, init_weights=False))

@@ -10,6 +10,17 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--model", "tiny", "--quick", *args],
+        capture_output=True,
+        text=True,
+        cwd=BENCHMARKS,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.parametrize(
     "script, extra, keys",
     [
@@ -20,13 +31,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 )
 def test_benchmark_smallest_mode(tmp_path, script, extra, keys):
     out = tmp_path / "result.json"
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--model", "tiny", "--quick", "--out", str(out), *extra],
-        capture_output=True,
-        text=True,
-        cwd=BENCHMARKS,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_benchmark(script, "--out", str(out), *extra)
     result = json.loads(out.read_text())
     assert keys <= result.keys() and result["machine"]["torch"]
     if script == "merge_fidelity.py":
@@ -49,17 +54,6 @@ def test_benchmark_smallest_mode(tmp_path, script, extra, keys):
         variants = [row["variant"] for row in result["inference"]]
         assert variants == ["base", "locas r=16", "locas r=64", "locas r=256", "locas r=64 merged", "lora r=64"]
         assert all(row["tokens/s"] > 0 for row in result["inference"])
-
-
-def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--model", "tiny", "--quick", *args],
-        capture_output=True,
-        text=True,
-        cwd=BENCHMARKS,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def test_book_ppl_and_forgetting_smallest_mode(tmp_path):
