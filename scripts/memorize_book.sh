@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 
 # shellcheck source=scripts/setup_env.sh
 . scripts/setup_env.sh
+setup_env ""
 peft-locas assets
 
 out=${OUT:-$HOME/peft-locas-runs/memorize-book}

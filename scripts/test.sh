@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # shellcheck source=scripts/setup_env.sh
-. scripts/setup_env.sh "[test]"
+. scripts/setup_env.sh
+setup_env "[test]"
 
 # Real-model tests use the offline assets (a real small model and books, from package registries only);
 # without them those tests are reported as skipped.
