@@ -8,38 +8,53 @@ the unit ball after every step. Scoring before training makes the losses prequen
 memory that has not yet seen it, so the perplexity measures what the memory carries over from the past, beyond the
 short attention window. The same loop trains a LoRA adapter (the TempLoRA baseline) on identical chunks and prefixes.
 
+Training follows ``MemorizeConfig.objective``: next-token prediction on the chunk (TempLoRA's), or self-distillation
+from the same model without the memory reading a long window of the text (`peft_locas.objectives`). Scoring is always
+the prequential next-token loss with the short window, so perplexities compare across objectives.
+
+A conversation (`peft_locas.recall.dialogue.Conversation`) is memorised as its rendered text, and its chunks begin at
+the start of a session header or a turn, so a turn's speaker is never split from what they said (`chunk_windows`).
+
 Distributed runs (``torchrun`` or ``accelerate launch``, one process per device, CPU ``gloo`` included) keep the chunks
 in order. Every rank holds the whole memory; each chunk's scored tokens are split into one contiguous share per rank,
-each rank runs the prefix and chunk up to the end of its share, and the ranks sum their NLL and memory gradients, so
-every step is the single-process step (up to float summation order). This divides the loss and backward work, not the
-longest forward, so it serves memory and throughput limits of large models rather than latency. The engine does this
-itself and wants the unwrapped model: do not ``accelerator.prepare`` it. FSDP and DeepSpeed ZeRO are not used: the
-trainable memory is small (a few MB to tens of MB), so sharding it gains nothing, and a frozen base too large for one
-device can be split across a process's devices with ``device_map="auto"`` or loaded in 4/8 bits instead; under
-``accelerate launch`` with an FSDP or DeepSpeed config, those plugin settings are simply not applied.
+each rank runs the prefix and chunk up to the end of its share (and, distilling, the teacher for its share), and the
+ranks sum their losses and memory gradients, so every step is the single-process step (up to float summation order).
+This divides the loss and backward work, not the longest forward, so it serves memory and throughput limits of large
+models rather than latency. The engine does this itself and wants the unwrapped model: do not ``accelerator.prepare``
+it. FSDP and DeepSpeed ZeRO are not used: the trainable memory is small (a few MB to tens of MB), so sharding it gains
+nothing, and a frozen base too large for one device can be split across a process's devices with ``device_map="auto"``
+or loaded in 4/8 bits instead; under ``accelerate launch`` with an FSDP or DeepSpeed config, those plugin settings are
+simply not applied.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import inspect
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
 from .checkpointing import adapter_settings, fingerprint, load_checkpoint, save_checkpoint
+from .chunking import Window, chunk_windows, tokens_and_boundaries
 from .config import LocasConfig
 from .data_init import METHODS, init_locas_weights
 from .distributed import Ranks
+from .objectives import OBJECTIVES, TeacherTargets, model_positions, next_token_loss
 from .results import MemorizeResult
+
+if TYPE_CHECKING:
+    from .recall.dialogue import Conversation
 
 #: optimiser settings left unset in ``MemorizeConfig``, per adapter type: the paper's GLU memory learning rate, and
 #: TempLoRA's public recipe (AdamW, eps 1e-7, constant schedule after 2 warm-up steps)
@@ -48,6 +63,8 @@ RECIPES: dict[str, dict[str, float]] = {
     "lora": {"lr": 5e-5, "adam_eps": 1e-7, "warmup_steps": 2},
 }
 _RUNTIME_FIELDS = ("checkpoint_dir", "checkpoint_every", "show_progress")
+# settings that only shape a distillation run (left out of an NTP run's protocol, so older checkpoints still resume)
+_DISTILL_FIELDS = ("objective", "teacher_context_tokens", "distill_top_k", "ntp_weight")
 
 
 def templora_config(r: int = 64) -> LoraConfig:
@@ -64,6 +81,24 @@ class MemorizeConfig:
         context_tokens: preceding tokens given to each chunk as an attention prefix (no loss on it); the memory has
             to carry everything further back.
         steps_per_chunk: optimiser steps on each chunk after scoring it (0 scores only).
+        objective: what each step minimises (`peft_locas.objectives`): ``"ntp"``, the chunk's next-token loss, or
+            ``"distill"``, the mean ``KL(teacher || student)`` of next-token distributions over the chunk's scored
+            positions, where the teacher is the model without the adapter reading the chunk after a long window of
+            the text (computed once per chunk, before its steps, without gradients) and the student is the model
+            with the memory reading the same short window as scoring does.
+        teacher_context_tokens: the teacher's window: the chunk's tokens and those before it, at most this many in
+            all (so the chunk's first token sees ``teacher_context_tokens - chunk length`` tokens before it, fewer
+            near the text's start). ``None``: as many as the model takes (its text config's
+            ``max_position_embeddings``). Must be at least ``chunk_tokens + context_tokens``, so the teacher never
+            sees less than the student.
+        distill_top_k: keep the teacher's ``k`` most probable tokens per position and compute the exact KL between
+            the two distributions coarse-grained to those ``k`` tokens plus "any other token" (a lower bound of the
+            full KL, zero when the models agree; ``O(T k)`` teacher memory per chunk instead of ``O(T V)``);
+            ``None``: the full-vocabulary KL. The default 64 keeps most of the mass where it matters: over 512
+            tokens of *Pride and Prejudice*, SmolLM2-135M's top 64 tokens hold a mean 86% (median 92%, 10th
+            percentile 66%) of its next-token probability (top 256: mean 94%); the rest is still matched as one
+            outcome, so moving mass into or out of the tail costs, only its spread within the tail is ignored.
+        ntp_weight: with ``"distill"``, the weight of the next-token loss added to the KL (0: pure distillation).
         lr, adam_eps, warmup_steps: AdamW learning rate, epsilon and linear warm-up (in steps, counted over the whole
             run, as transformers' constant schedule with warm-up); ``None`` takes ``RECIPES`` for the adapter type.
         weight_decay: AdamW weight decay (0: norm clipping already bounds a memory).
@@ -81,6 +116,10 @@ class MemorizeConfig:
     chunk_tokens: int = 512
     context_tokens: int = 256
     steps_per_chunk: int = 2
+    objective: str = "ntp"
+    teacher_context_tokens: int | None = None
+    distill_top_k: int | None = 64
+    ntp_weight: float = 0.0
     lr: float | None = None
     adam_eps: float | None = None
     warmup_steps: int | None = None
@@ -113,6 +152,25 @@ class MemorizeConfig:
             raise ValueError(
                 f"MemorizeConfig: unknown `init` {self.init!r}; choose one of {', '.join(METHODS)}, or None."
             )
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"MemorizeConfig: unknown `objective` {self.objective!r}; choose one of {', '.join(OBJECTIVES)}."
+            )
+        if self.distill_top_k is not None:
+            _check_int("distill_top_k", self.distill_top_k, minimum=1)
+        if not (_is_number(self.ntp_weight) and 0 <= self.ntp_weight < math.inf):
+            raise ValueError(f"MemorizeConfig: `ntp_weight` must be a number >= 0, got {self.ntp_weight!r}.")
+        teacher = self.teacher_context_tokens
+        if teacher is not None and not (_is_int(teacher) and teacher >= self.student_tokens):
+            raise ValueError(
+                "MemorizeConfig: `teacher_context_tokens` must be an integer >= chunk_tokens + context_tokens "
+                f"({self.student_tokens}, the student's window) or None, got {teacher!r}."
+            )
+
+    @property
+    def student_tokens(self) -> int:
+        """The longest window the student reads: a chunk and its prefix."""
+        return self.chunk_tokens + self.context_tokens
 
     def recipe(self, adapter_type: str) -> dict[str, float]:
         """Learning rate, AdamW epsilon and warm-up steps: the ones set here, else the adapter type's defaults."""
@@ -122,66 +180,17 @@ class MemorizeConfig:
         }
 
     def protocol(self, adapter_type: str) -> dict[str, Any]:
-        """Every setting that shapes the results (what a resumed run must share), optimiser defaults resolved."""
-        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RUNTIME_FIELDS}
+        """Every setting that shapes the results (what a resumed run must share), optimiser defaults resolved. The
+        distillation settings are part of it for ``objective="distill"`` only: they do not shape an NTP run."""
+        skipped = _RUNTIME_FIELDS + (_DISTILL_FIELDS if self.objective == "ntp" else ())
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         return {**settings, **self.recipe(adapter_type)}
-
-
-@dataclass(frozen=True)
-class Window:
-    """One chunk as the model sees it: input tokens ``[start, end)``, of which ``[first, end)`` are scored; the tokens
-    before ``first`` are the attention prefix (and, for the text's first token, the one that nothing predicts)."""
-
-    start: int
-    first: int
-    end: int
-
-    @property
-    def scored(self) -> int:
-        return self.end - self.first
-
-    def share(self, rank: int, world_size: int) -> Window:
-        """The contiguous part of the scored tokens that ``rank`` scores, with the whole prefix before it."""
-        bounds = [self.first + self.scored * k // world_size for k in range(world_size + 1)]
-        return Window(self.start, bounds[rank], bounds[rank + 1])
-
-
-def chunk_windows(num_tokens: int, chunk_tokens: int, context_tokens: int) -> list[Window]:
-    """The chunks of ``chunk_tokens`` (the last may be shorter), with up to ``context_tokens`` of prefix."""
-    if num_tokens < chunk_tokens:
-        raise ValueError(
-            f"the text has {num_tokens} tokens, fewer than one chunk of {chunk_tokens}: "
-            "use a longer text or smaller chunks"
-        )
-    windows = []
-    for chunk_start in range(0, num_tokens, chunk_tokens):
-        start = max(0, chunk_start - context_tokens)
-        window = Window(start, max(chunk_start, start + 1), min(chunk_start + chunk_tokens, num_tokens))
-        if window.scored > 0:
-            windows.append(window)
-    return windows
-
-
-def token_ids(
-    tokenizer: Any, text_or_token_ids: str | Sequence[int] | torch.Tensor, max_tokens: int | None = None
-) -> list[int]:
-    """The text's token ids as a list (token ids given directly are taken as they are), cut to ``max_tokens``."""
-    if isinstance(text_or_token_ids, str):
-        if tokenizer is None:
-            raise ValueError("memorize: pass a tokenizer to memorise text (or pass token ids)")
-        ids = tokenizer(text_or_token_ids, verbose=False)["input_ids"]
-    else:
-        tensor = torch.as_tensor(text_or_token_ids)
-        if tensor.dim() > 2 or (tensor.dim() == 2 and tensor.shape[0] != 1) or tensor.is_floating_point():
-            raise ValueError(f"memorize: token ids must be one sequence of integers, got shape {tuple(tensor.shape)}")
-        ids = tensor.reshape(-1).tolist()
-    return ids[:max_tokens] if max_tokens is not None else ids
 
 
 def memorize(
     model: torch.nn.Module,
     tokenizer: Any,
-    text_or_token_ids: str | Sequence[int] | torch.Tensor,
+    text_or_token_ids: str | Sequence[int] | torch.Tensor | Conversation,
     config: MemorizeConfig | None = None,
     *,
     peft_config: PeftConfig | None = None,
@@ -193,7 +202,9 @@ def memorize(
         model: a ``PeftModel`` with a Locas or LoRA adapter named ``config.adapter_name``, or a base model, which is
             then wrapped (in place, as ``get_peft_model`` does) with ``peft_config``.
         tokenizer: turns a text into token ids; unused (may be ``None``) when token ids are given.
-        text_or_token_ids: the text, or its token ids (a list or a 1-D / ``(1, n)`` tensor).
+        text_or_token_ids: the text, its token ids (a list or a 1-D / ``(1, n)`` tensor), or a
+            `peft_locas.recall.dialogue.Conversation`: its rendered text, chunked at unit starts
+            (`text_and_boundaries`, `chunk_windows`).
         config: the protocol's settings (default ``MemorizeConfig()``).
         peft_config: for a base model: a ``LocasConfig`` (default ``LocasConfig()``) or a ``LoraConfig`` (see
             `templora_config()`). The config object itself is not modified.
@@ -203,18 +214,31 @@ def memorize(
         the per-chunk results; ``result.model`` is the trained ``PeftModel``. The run is on the model's device and
         is deterministic for a given ``config.seed``; with ``checkpoint_dir`` it resumes from, and gives the same
         results as, an interrupted run.
+
+    Raises:
+        ValueError: a text shorter than one chunk, no tokenizer for a text, an adapter that is not Locas or LoRA, or,
+            when distilling with ``teacher_context_tokens=None``, a model whose ``max_position_embeddings`` is missing
+            or shorter than the student's window.
     """
     started = time.perf_counter()
     config = config or MemorizeConfig()
-    ids = token_ids(tokenizer, text_or_token_ids, config.max_tokens)
-    windows = chunk_windows(len(ids), config.chunk_tokens, config.context_tokens)
+    ids, unit_starts = tokens_and_boundaries(tokenizer, text_or_token_ids, config.max_tokens)
+    windows = chunk_windows(len(ids), config.chunk_tokens, config.context_tokens, unit_starts)
     torch.manual_seed(config.seed)
     peft_model, adapter_config = _with_adapter(model, peft_config, config.adapter_name)
     adapter_type = "locas" if isinstance(adapter_config, LocasConfig) else "lora"
+    objective = OBJECTIVES[config.objective]
+    loss = functools.partial(objective.loss, ntp_weight=config.ntp_weight)
+    teacher_context = 0
+    if objective.uses_teacher:
+        teacher_context = config.teacher_context_tokens or model_positions(peft_model, config.student_tokens)
     run_fingerprint = None
     if config.checkpoint_dir is not None:
         settings = adapter_settings(adapter_config)
-        run_fingerprint = fingerprint(peft_model, settings, config.protocol(adapter_type), ids)
+        protocol = config.protocol(adapter_type)
+        if unit_starts is not None:  # the same tokens chunked elsewhere are another run
+            protocol["unit_starts_sha256"] = hashlib.sha256(json.dumps(unit_starts).encode()).hexdigest()
+        run_fingerprint = fingerprint(peft_model, settings, protocol, ids)
     text = _Reader.of(peft_model, ids)
     if adapter_type == "locas" and config.init is not None:
         first = windows[0]
@@ -241,7 +265,9 @@ def memorize(
         run_fingerprint=run_fingerprint,
         ranks=text.ranks,
     )
-    result = MemorizeResult(baseline_losses=[] if config.compare_baseline else None)
+    result = MemorizeResult(
+        baseline_losses=[] if config.compare_baseline else None, train_losses=[] if config.steps_per_chunk else None
+    )
     if config.checkpoint_dir is not None:
         restored = load_checkpoint(config.checkpoint_dir, **checkpoint)
         if restored is not None:
@@ -255,10 +281,13 @@ def memorize(
         for index in range(done, len(windows)):
             window = windows[index]
             peft_model.eval()
-            loss, baseline = text.score(peft_model, window, config.compare_baseline)
+            score, baseline = text.score(peft_model, window, config.compare_baseline)
+            teaching = objective.uses_teacher and config.steps_per_chunk > 0
+            teacher = text.teacher(peft_model, window, teacher_context, config.distill_top_k) if teaching else None
             peft_model.train()
+            train_loss = torch.zeros((), device=text.ids.device)
             for _ in range(config.steps_per_chunk):
-                text.backward(peft_model, window)
+                train_loss += text.backward(peft_model, window, loss, teacher)
                 text.ranks.sum_gradients_(parameters)
                 for group in optimizer.param_groups:
                     group["lr"] = _learning_rate(recipe, step)
@@ -267,9 +296,9 @@ def memorize(
                 if adapter_type == "locas":
                     peft_model.clip_memory_norms_([config.adapter_name])
                 step += 1
-            result.add_chunk(
-                window.scored, loss, baseline, elapsed_before + time.perf_counter() - started, text.ids.device
-            )
+            mean_train_loss = text.ranks.sum(train_loss) / config.steps_per_chunk if config.steps_per_chunk else None
+            elapsed = elapsed_before + time.perf_counter() - started
+            result.add_chunk(window.scored, score, baseline, elapsed, text.ids.device, train_loss=mean_train_loss)
             chunks_done = index + 1
             if config.checkpoint_dir is not None and (
                 chunks_done % config.checkpoint_every == 0 or chunks_done == len(windows)
@@ -288,7 +317,7 @@ def memorize(
 def evaluate(
     model: torch.nn.Module,
     tokenizer: Any,
-    text_or_token_ids: str | Sequence[int] | torch.Tensor,
+    text_or_token_ids: str | Sequence[int] | torch.Tensor | Conversation,
     *,
     chunk_tokens: int = 512,
     context_tokens: int = 256,
@@ -299,13 +328,14 @@ def evaluate(
     """Score a text chunk by chunk, exactly as `memorize()` does but without training: the perplexity a model
     (with its adapter, if any) reaches with only ``context_tokens`` of preceding text in view.
 
-    ``compare_baseline`` also scores with the adapter disabled (``model`` must then be a ``PeftModel``).
+    ``compare_baseline`` also scores with the adapter disabled (``model`` must then be a ``PeftModel``). A
+    `Conversation` is chunked at its unit starts, as `memorize()` chunks it.
     """
     started = time.perf_counter()
     if compare_baseline and not isinstance(model, PeftModel):
         raise ValueError("evaluate: compare_baseline needs a PeftModel (the baseline is the model without its adapter)")
-    ids = token_ids(tokenizer, text_or_token_ids, max_tokens)
-    windows = chunk_windows(len(ids), chunk_tokens, context_tokens)
+    ids, unit_starts = tokens_and_boundaries(tokenizer, text_or_token_ids, max_tokens)
+    windows = chunk_windows(len(ids), chunk_tokens, context_tokens, unit_starts)
     text = _Reader.of(model, ids)
     result = MemorizeResult(baseline_losses=[] if compare_baseline else None)
     was_training = model.training
@@ -325,7 +355,8 @@ def evaluate(
 @dataclass(frozen=True)
 class _Reader:
     """The text's token ids on the model's device, read window by window; under torch.distributed each rank reads its
-    share of a window's scored tokens and the ranks add up their NLL (and, in training, their gradients)."""
+    share of a window's scored tokens and the ranks add up their NLL (and, in training, their losses and gradients).
+    Scoring is always the next-token loss; training takes the objective's loss function (`OBJECTIVES`)."""
 
     ids: torch.Tensor
     ranks: Ranks
@@ -347,11 +378,30 @@ class _Reader:
             with model.disable_adapter():
                 return loss, self._mean(model, window)
 
-    def backward(self, model: torch.nn.Module, window: Window) -> None:
-        """Backpropagate this rank's part of the window's mean NLL (the ranks' parts sum to the mean)."""
+    def teacher(
+        self, model: torch.nn.Module, window: Window, context_tokens: int, top_k: int | None
+    ) -> TeacherTargets | None:
+        """The teacher's targets at this rank's share of the window's scored positions (``None`` for an empty share):
+        the model with its adapter disabled, no gradients, reading the chunk's tokens after as many preceding ones as
+        fit in ``context_tokens`` in all (the window start is the chunk's, so every rank's teacher is the same)."""
         share = window.share(self.ranks.rank, self.ranks.size)
-        if share.scored:
-            (self._nll(model, share) / window.scored).backward()
+        if not share.scored:
+            return None
+        with torch.no_grad(), model.disable_adapter():
+            logits = self._logits(model, Window(max(0, window.end - context_tokens), share.first, share.end))
+        return TeacherTargets.from_logits(logits, top_k)
+
+    def backward(
+        self, model: torch.nn.Module, window: Window, loss: Callable, teacher: TeacherTargets | None
+    ) -> torch.Tensor:
+        """Backpropagate this rank's part of the window's mean ``loss`` (an objective's loss, summed over positions;
+        the ranks' parts sum to the mean) and return that part, detached (0 for an empty share)."""
+        share = window.share(self.ranks.rank, self.ranks.size)
+        if not share.scored:
+            return self.ids.new_zeros((), dtype=torch.float32)
+        part = loss(self._logits(model, share), self.ids[share.first : share.end], teacher) / window.scored
+        part.backward()
+        return part.detach()
 
     def _mean(self, model: torch.nn.Module, window: Window) -> float:
         share = window.share(self.ranks.rank, self.ranks.size)
@@ -360,10 +410,13 @@ class _Reader:
 
     def _nll(self, model: torch.nn.Module, window: Window) -> torch.Tensor:
         """Summed NLL (float32) of the window's scored tokens, each predicted from all input tokens before it."""
+        return next_token_loss(self._logits(model, window), self.ids[window.first : window.end], None, 0.0)
+
+    def _logits(self, model: torch.nn.Module, window: Window) -> torch.Tensor:
+        """``(scored, V)``: the logits predicting each of the window's scored tokens from all input tokens before it."""
         kwargs = {"logits_to_keep": window.scored + 1} if self.keeps_logits else {}
         logits = model(input_ids=self.ids[window.start : window.end].unsqueeze(0), use_cache=False, **kwargs).logits
-        predicting = logits[0, -window.scored - 1 : -1]
-        return F.cross_entropy(predicting.float(), self.ids[window.first : window.end], reduction="sum")
+        return logits[0, -window.scored - 1 : -1]
 
 
 def _learning_rate(recipe: dict[str, float], step: int) -> float:
@@ -410,6 +463,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+    if not (_is_int(value) and value >= minimum):
         raise ValueError(f"MemorizeConfig: `{name}` must be an integer >= {minimum}, got {value!r}.")

@@ -21,13 +21,17 @@ class MemorizeResult:
     """Per-chunk prequential losses of a run and what it cost.
 
     ``losses[i]`` is the mean next-token NLL of chunk ``i`` (over ``token_counts[i]`` tokens) scored before training on
-    it; ``baseline_losses[i]`` the same with the adapter disabled (when asked). ``model`` is the trained ``PeftModel``
-    (not serialised), also when `memorize()` created it from a base model.
+    it; ``baseline_losses[i]`` the same with the adapter disabled (when asked). ``train_losses[i]`` is the training
+    objective's loss on chunk ``i`` (NTP: mean NLL; distillation: mean KL, plus the weighted NLL), averaged over its
+    steps and each taken before its step's update (``None`` for evaluation, runs without training steps, and results
+    saved before it existed). ``model`` is the trained ``PeftModel`` (not serialised), also when `memorize()` created
+    it from a base model.
     """
 
     token_counts: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     baseline_losses: list[float] | None = None
+    train_losses: list[float] | None = None
     wall_time_s: float = 0.0
     peak_memory_bytes: int | None = None
     peak_memory_kind: str | None = None
@@ -68,17 +72,27 @@ class MemorizeResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemorizeResult:
-        """Read the recorded fields back (aggregates are recomputed)."""
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name != "model"})
+        """Read the recorded fields back (aggregates are recomputed); older results may lack ``train_losses``."""
+        values = {f.name: data[f.name] for f in fields(cls) if f.name not in ("model", "train_losses")}
+        return cls(**values, train_losses=data.get("train_losses"))
 
     def add_chunk(
-        self, tokens: int, loss: float, baseline_loss: float | None, wall_time_s: float, device: torch.device
+        self,
+        tokens: int,
+        loss: float,
+        baseline_loss: float | None,
+        wall_time_s: float,
+        device: torch.device,
+        train_loss: float | None = None,
     ) -> None:
-        """Record a scored chunk, and the run's time and peak memory so far (CUDA's when ``device`` is a GPU)."""
+        """Record a scored chunk (and its training loss, when ``train_losses`` is recorded), and the run's time and
+        peak memory so far (CUDA's when ``device`` is a GPU)."""
         self.token_counts.append(tokens)
         self.losses.append(loss)
         if self.baseline_losses is not None:
             self.baseline_losses.append(baseline_loss)
+        if self.train_losses is not None:
+            self.train_losses.append(train_loss)
         self.wall_time_s = wall_time_s
         peak, kind = _peak_memory(device)
         if peak is not None:

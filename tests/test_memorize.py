@@ -18,14 +18,8 @@ from tiny_models import VOCAB, tiny_model
 
 from peft_locas import LocasConfig
 from peft_locas.checkpointing import CheckpointError, latest_checkpoint
-from peft_locas.memorization import (
-    MemorizeConfig,
-    Window,
-    chunk_windows,
-    evaluate,
-    memorize,
-    templora_config,
-)
+from peft_locas.chunking import Window, chunk_windows
+from peft_locas.memorization import MemorizeConfig, evaluate, memorize, templora_config
 from peft_locas.results import MemorizeResult
 
 TESTS = Path(__file__).parent
