@@ -1,0 +1,506 @@
+"""Asking a (memorised) causal LM questions, with a shared context prefilled once and its KV cache reused.
+
+An `Asker` builds one prompt form for every question: an optional system prompt, the context (when given), an
+instruction, then ``Question: {question}``. The part before the question (the *prefix*, context included) is tokenised
+once and run through the model once; each question then only runs its own tokens (the question and, with a chat
+template, the assistant header) on a copy of that prefix's cache, so a long context is never recomputed.
+
+Prompt forms (the question text is stripped first):
+
+* with the tokenizer's chat template (used when it has one, unless ``use_chat_template=False``): the messages are an
+  optional ``system`` message and one ``user`` message ``"{context}\\n\\n{instruction}\\n\\nQuestion: {question}"``
+  (``"{instruction}\\n\\nQuestion: {question}"`` without a context), rendered with ``add_generation_prompt=True``;
+* without it, plain text: ``"{system_prompt}\\n\\n{context}\\n\\n{instruction}\\n\\nQuestion: {question}\\nAnswer:"``
+  (absent parts and their blank lines left out). A gold answer then follows after one space, as a model writes it.
+
+The context's trailing whitespace is dropped (a rendered conversation ends with a newline).
+
+The instruction follows LoCoMo's question-answering prompt (snap-research/LoCoMo, ``task_eval/gpt_utils.py``,
+``QA_PROMPT``): `CONTEXT_INSTRUCTION` when a context is given; `MEMORY_INSTRUCTION`, the same request addressed to a
+model that has memorised the conversation instead of reading it, when none is. LoCoMo's per-category question edits
+(dates for temporal questions, the two-option form of adversarial ones) are the caller's, as they change the question.
+
+The prefix and the question's part are tokenised separately and concatenated (the prefix with the tokenizer's special
+tokens in the plain form, as ``tokenizer(text)`` adds them; the chat template's own in the chat form), so a question
+sees exactly the same token ids whether or not the cache is used. Decoding is greedy; answers stop at an end-of-sequence
+id (the tokenizer's and the generation config's) or after ``max_new_tokens``.
+
+Adapters: the model may be a ``PeftModel`` (any active adapter), a merged model or a plain one. Inside
+``with model.disable_adapter():`` the asker answers as the base model: prefix caches are kept per model state (device,
+dtype, the PEFT layers' active / disabled / merged adapters, and the parameters' in-place version counters), so a
+changed state, or weights trained further, get their own prefill; the last two states' caches are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+#: LoCoMo's QA instruction (``task_eval/gpt_utils.py``, ``QA_PROMPT``), for a context given in the prompt
+CONTEXT_INSTRUCTION = (
+    "Based on the above context, write an answer in the form of a short phrase for the following question. "
+    "Answer with exact words from the context whenever possible."
+)
+#: the same instruction for a model asked without the context, which has memorised the conversation
+MEMORY_INSTRUCTION = (
+    "Based on the conversation you remember, write an answer in the form of a short phrase for the following "
+    "question. Answer with exact words from the conversation whenever possible."
+)
+#: how many model states (e.g. adapter on, adapter disabled) keep a prefilled prefix cache at once
+_KEPT_PREFIX_CACHES = 2
+# stands for the question while the prompt is split into prefix and suffix; never part of a real prompt
+_SENTINEL = "\x00LOCAS-QUESTION\x00"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer: ``text`` is the decoded greedy continuation, stripped, without the end-of-sequence token.
+
+    ``prompt_tokens`` counts the whole prompt (prefix and question part); ``new_tokens`` the generated tokens, a
+    stopping end-of-sequence token included; ``seconds`` the wall time of this question (the shared prefix's one-time
+    prefill excluded).
+    """
+
+    question: str
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+
+
+def fit_context(tokenizer: Any, text: str, max_tokens: int) -> str:
+    """The end of ``text`` that fits in ``max_tokens`` tokens (``text`` itself when it already fits).
+
+    The cut is made at a token boundary, then moved forward to the start of the next line when one lies within the
+    first 10% (in characters) of the kept part, so a conversation does not start mid-turn. The result tokenises
+    (without special tokens) to at most ``max_tokens`` tokens.
+
+    Raises:
+        ValueError: ``max_tokens`` is not a positive integer.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"fit_context: `max_tokens` must be a positive integer, got {max_tokens!r}.")
+    kept = text
+    while True:
+        ids, starts = _token_starts(tokenizer, kept)
+        if len(ids) <= max_tokens:
+            return kept
+        if starts is not None:
+            cut = kept[starts[-max_tokens] :]
+        else:  # slow tokenizers have no offsets: their decoded tokens (whitespace may then differ from the text's)
+            cut = tokenizer.decode(ids[-max_tokens:], clean_up_tokenization_spaces=False)
+        # the cut only ever moves forward, so this loop ends (a retokenised cut can exceed the budget by a token)
+        cut = cut[1:] if cut == kept else cut
+        at_line_start = len(cut) < len(kept) and kept.endswith(cut) and kept[len(kept) - len(cut) - 1] == "\n"
+        newline = -1 if at_line_start else cut.find("\n", 0, len(cut) // 10)
+        kept = cut[newline + 1 :] if newline >= 0 else cut
+
+
+class Asker:
+    """Asks ``model`` questions about ``context`` (or about what it memorised, with ``context=None``).
+
+    Args:
+        model: a causal LM (``PeftModel``, merged or plain ``transformers`` model) on any device.
+        tokenizer: its tokenizer.
+        context: text put before every question (e.g. a rendered conversation); ``None`` asks from memory.
+        instruction: the request before each question; ``None`` takes `CONTEXT_INSTRUCTION` with a context and
+            `MEMORY_INSTRUCTION` without one.
+        system_prompt: an optional system message (the first paragraph of a plain prompt).
+        use_chat_template: ``None`` uses the tokenizer's chat template when it has one.
+        max_new_tokens: default answer length limit, in tokens.
+        max_context_tokens: keep only the context's last this many tokens (see `fit_context()`).
+
+    Raises:
+        ValueError: a chat template asked for and missing, or one that does not keep the question verbatim; a bad
+            ``max_new_tokens``; a prompt prefix longer than the model's positions (set ``max_context_tokens``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        context: str | None = None,
+        *,
+        instruction: str | None = None,
+        system_prompt: str | None = None,
+        use_chat_template: bool | None = None,
+        max_new_tokens: int = 64,
+        max_context_tokens: int | None = None,
+    ) -> None:
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        if use_chat_template and not has_template:
+            raise ValueError("Asker: the tokenizer has no chat template; pass use_chat_template=False or set one.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.use_chat_template = has_template if use_chat_template is None else bool(use_chat_template)
+        if context is not None and max_context_tokens is not None:
+            context = fit_context(tokenizer, context, max_context_tokens)
+        self.context = context
+        self.instruction = instruction or (MEMORY_INSTRUCTION if context is None else CONTEXT_INSTRUCTION)
+        self.system_prompt = system_prompt
+        self.max_new_tokens = _check_max_new_tokens(max_new_tokens)
+
+        rendered = self._render((), _SENTINEL)
+        if rendered.count(_SENTINEL) != 1:
+            raise ValueError(
+                "Asker: the chat template does not keep the question verbatim; use use_chat_template=False."
+            )
+        # trailing spaces go with the question, so it tokenises as in running text (" What", not " " + "What")
+        self.prefix_text = rendered[: rendered.index(_SENTINEL)].rstrip(" ")
+        encoded = tokenizer(self.prefix_text, add_special_tokens=not self.use_chat_template)["input_ids"]
+        #: the shared prefix's token ids, int64 of shape ``(prefix_tokens,)``, on the CPU
+        self.prefix_ids = torch.tensor(encoded, dtype=torch.long)
+        self.max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if self.max_positions is not None and len(self.prefix_ids) >= self.max_positions:
+            raise ValueError(
+                f"Asker: the prompt prefix has {len(self.prefix_ids)} tokens but the model has {self.max_positions} "
+                "positions; pass max_context_tokens to keep only the end of the context."
+            )
+        eos = [tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
+        self.eos_token_ids = sorted({i for e in eos for i in ([e] if isinstance(e, int) else e or [])})
+        pad = tokenizer.pad_token_id
+        self._pad_token_id = pad if pad is not None else (self.eos_token_ids or [0])[0]
+        self._cache_kwarg = _cache_kwarg(model)
+        self._prefix_caches: dict[tuple, Any] = {}
+
+    # ------------------------------------------------------------------ prompts
+    def prompt(self, question: str) -> str:
+        """The whole prompt text for ``question`` (the prefix, then the question's part)."""
+        return self.prefix_text + self._continuation_text((), _check_question(question))
+
+    def prompt_ids(self, question: str) -> torch.Tensor:
+        """The prompt's token ids as the model sees them: int64 of shape ``(1, prompt_tokens)``, on the CPU."""
+        continuation = self._continuation_ids((), _check_question(question))
+        return torch.cat([self.prefix_ids, continuation])[None]
+
+    # ------------------------------------------------------------------ asking
+    def ask(self, question: str, *, max_new_tokens: int | None = None) -> Answer:
+        """The greedy answer to ``question``, continuing from the prefilled prefix.
+
+        Raises:
+            ValueError: an empty question, or a prompt plus answer longer than the model's positions.
+        """
+        return self._ask((), _check_question(question), max_new_tokens)
+
+    def ask_many(self, questions: Sequence[str], *, max_new_tokens: int | None = None) -> list[Answer]:
+        """`ask()` each question in turn (independently, each from the same prefilled prefix)."""
+        return [self.ask(question, max_new_tokens=max_new_tokens) for question in questions]
+
+    def stream(self, question: str, *, max_new_tokens: int | None = None) -> Iterator[str]:
+        """The greedy answer's text in pieces, as they are decoded; their concatenation is `ask()`'s text unstripped.
+
+        Generation runs in a thread; closing the iterator early stops it. A piece never ends inside a multi-byte
+        character (held back until its last byte's token arrives).
+
+        Raises:
+            ValueError: as `ask()` (at this call, not at the first piece).
+        """
+        continuation = self._continuation_ids((), _check_question(question))
+        limit = self._limit(continuation, max_new_tokens)
+        return self._stream(continuation, limit)
+
+    def answer_logprob(self, question: str, answer: str) -> tuple[float, int]:
+        """The summed log-probability (natural log, computed in float32) of ``answer`` after ``question``'s prompt,
+        and its token count: the benchmark's gold log-likelihood.
+
+        The answer is teacher-forced as the model's reply, tokenised as it would be generated: right after the chat
+        template's assistant header, or after ``"Answer:"`` with its leading space in the plain form. No
+        end-of-sequence token is scored.
+
+        Raises:
+            ValueError: an empty question or answer.
+        """
+        continuation = self._continuation_ids((), _check_question(question))
+        if not answer.strip():
+            raise ValueError("Asker.answer_logprob: the answer is empty; pass the gold answer text.")
+        lead = "" if self.use_chat_template else " "
+        answer_ids = self._encode(lead + answer.strip())
+        logits = self._continuation_logits(torch.cat([continuation, answer_ids]))
+        predicting = logits[len(continuation) - 1 : -1].float().log_softmax(-1)
+        picked = predicting.gather(-1, answer_ids.to(predicting.device)[:, None])
+        return picked.sum().item(), len(answer_ids)
+
+    def chat(self) -> Chat:
+        """A multi-turn `Chat` over this asker's prefilled prefix."""
+        return Chat(self)
+
+    # ------------------------------------------------------------------ internals
+    def _render(self, turns: Sequence[tuple[str, str]], question: str) -> str:
+        """The full prompt text of earlier ``(question, answer)`` turns followed by ``question``."""
+        questions = [q for q, _ in turns] + [question]
+        first = f"{self.instruction}\n\nQuestion: {questions[0]}"
+        if self.context is not None:
+            first = f"{self.context.rstrip()}\n\n{first}"
+        if not self.use_chat_template:
+            text = f"{self.system_prompt}\n\n" if self.system_prompt is not None else ""
+            text += first + "\nAnswer:"
+            for (_, answer), q in zip(turns, questions[1:], strict=True):
+                text += f" {answer}\n\nQuestion: {q}\nAnswer:"
+            return text
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        messages.append({"role": "user", "content": first})
+        for (_, answer), q in zip(turns, questions[1:], strict=True):
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"Question: {q}"}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _continuation_text(self, turns: Sequence[tuple[str, str]], question: str) -> str:
+        full = self._render(turns, question)
+        if not full.startswith(self.prefix_text):
+            raise ValueError(
+                "Asker: the chat template renders the shared prefix differently after other turns; "
+                "use use_chat_template=False."
+            )
+        return full[len(self.prefix_text) :]
+
+    def _continuation_ids(self, turns: Sequence[tuple[str, str]], question: str) -> torch.Tensor:
+        return self._encode(self._continuation_text(turns, question))
+
+    def _encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def _limit(self, continuation: torch.Tensor, max_new_tokens: int | None) -> int:
+        limit = self.max_new_tokens if max_new_tokens is None else _check_max_new_tokens(max_new_tokens)
+        total = len(self.prefix_ids) + len(continuation) + limit
+        if self.max_positions is not None and total > self.max_positions:
+            raise ValueError(
+                f"Asker: prompt and answer need {total} positions but the model has {self.max_positions}; "
+                "lower max_context_tokens or max_new_tokens."
+            )
+        return limit
+
+    def _device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @contextmanager
+    def _asking(self) -> Iterator[None]:
+        """Eval mode and no gradients while asking; the model's training mode is restored afterwards."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(training)
+
+    def _prefilled(self) -> Any:
+        """The prefix's KV cache for the model's current state, prefilled on first use; call in `_asking()`.
+
+        Generation appends to the cache it is given: pass each question a ``copy.deepcopy`` of it.
+        """
+        key = _model_state(self.model)
+        if key not in self._prefix_caches:
+            kwargs = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}
+            ids = self.prefix_ids[None].to(self._device())
+            output = self.model(input_ids=ids, use_cache=True, **kwargs)
+            while len(self._prefix_caches) >= _KEPT_PREFIX_CACHES:
+                self._prefix_caches.pop(next(iter(self._prefix_caches)))
+            self._prefix_caches[key] = getattr(output, self._cache_kwarg)
+        return self._prefix_caches[key]
+
+    def _continuation_logits(self, continuation: torch.Tensor) -> torch.Tensor:
+        """Logits over ``continuation`` (int64 ``(n,)``) after the prefix, from the prefix cache: ``(n, vocab)``."""
+        with self._asking():
+            cache = copy.deepcopy(self._prefilled())
+            ids = torch.cat([self.prefix_ids, continuation])[None].to(self._device())
+            # the model is given only the new tokens; positions continue after the cached prefix
+            new = ids[:, len(self.prefix_ids) :]
+            output = self.model(
+                input_ids=new, attention_mask=torch.ones_like(ids), use_cache=True, **{self._cache_kwarg: cache}
+            )
+            return output.logits[0]
+
+    def _generate(self, continuation: torch.Tensor, limit: int, cache: Any, **kwargs: Any) -> torch.Tensor:
+        """Greedy new token ids (int64 ``(new_tokens,)``) after the prefix and ``continuation``, continuing from
+        ``cache`` (a copy of the prefix's); call in `_asking()` (or a thread: generate turns gradients off itself)."""
+        ids = torch.cat([self.prefix_ids, continuation])[None].to(self._device())
+        output = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            num_beams=1,
+            repetition_penalty=1.0,
+            max_new_tokens=limit,
+            eos_token_id=self.eos_token_ids or None,
+            pad_token_id=self._pad_token_id,
+            **{self._cache_kwarg: cache},
+            **kwargs,
+        )
+        return output[0, ids.shape[1] :].cpu()
+
+    def _decode(self, new_ids: Sequence[int]) -> str:
+        ids = list(new_ids)
+        if ids and ids[-1] in self.eos_token_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _ask(self, turns: Sequence[tuple[str, str]], question: str, max_new_tokens: int | None) -> Answer:
+        continuation = self._continuation_ids(turns, question)
+        limit = self._limit(continuation, max_new_tokens)
+        with self._asking():
+            prefilled = self._prefilled()  # a first prefill is not the question's time
+            start = time.perf_counter()
+            new_ids = self._generate(continuation, limit, copy.deepcopy(prefilled))
+        return Answer(
+            question=question,
+            text=self._decode(new_ids.tolist()).strip(),
+            prompt_tokens=len(self.prefix_ids) + len(continuation),
+            new_tokens=len(new_ids),
+            seconds=time.perf_counter() - start,
+        )
+
+    def _stream(self, continuation: torch.Tensor, limit: int) -> Iterator[str]:
+        tokens = _TokenQueue()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._generate(
+                    continuation, limit, cache, streamer=tokens, stopping_criteria=StoppingCriteriaList([tokens])
+                )
+            except BaseException as error:  # re-raised in the consumer
+                failure.append(error)
+            finally:
+                tokens.end()
+
+        with self._asking():
+            cache = copy.deepcopy(self._prefilled())  # prefilled here: threads do not inherit no_grad
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            try:
+                new_ids: list[int] = []
+                emitted = ""
+                while (piece := tokens.queue.get()) is not None:
+                    new_ids += piece
+                    text = self._decode(new_ids).rstrip("\ufffd")  # an unfinished character waits for its bytes
+                    if text.startswith(emitted) and len(text) > len(emitted):
+                        yield text[len(emitted) :]
+                        emitted = text
+                if failure:
+                    raise failure[0]
+                rest = self._decode(new_ids)
+                if len(rest) > len(emitted):
+                    yield rest[len(emitted) :]
+            finally:
+                tokens.stop = True
+                worker.join()
+
+
+class Chat:
+    """A multi-turn conversation over an `Asker`'s prefilled prefix: a follow-up sees the earlier questions and
+    answers (as user / assistant messages with a chat template; as further ``Question:`` / ``Answer:`` lines in the
+    plain form). Only the text after the shared prefix is run again on each turn."""
+
+    def __init__(self, asker: Asker) -> None:
+        self.asker = asker
+        #: the ``(question, answer text)`` turns so far
+        self.turns: list[tuple[str, str]] = []
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The exchanged messages after the shared prefix, ``{"role": "user" | "assistant", "content": ...}``."""
+        return [m for q, a in self.turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+
+    def ask(self, question: str, *, max_new_tokens: int | None = None) -> Answer:
+        """Answer ``question`` after the earlier turns and remember the exchange (see `Asker.ask()`)."""
+        answer = self.asker._ask(self.turns, _check_question(question), max_new_tokens)
+        self.turns.append((answer.question, answer.text))
+        return answer
+
+    def stream(self, question: str, *, max_new_tokens: int | None = None) -> Iterator[str]:
+        """Stream the answer to ``question`` after the earlier turns (see `Asker.stream()`); the exchange is
+        remembered once the answer is complete (a stream closed early is forgotten)."""
+        question = _check_question(question)
+        continuation = self.asker._continuation_ids(self.turns, question)
+        limit = self.asker._limit(continuation, max_new_tokens)
+        return self._remembered(question, self.asker._stream(continuation, limit))
+
+    def _remembered(self, question: str, pieces: Iterator[str]) -> Iterator[str]:
+        text = ""
+        for piece in pieces:
+            text += piece
+            yield piece
+        self.turns.append((question, text.strip()))
+
+    def reset(self) -> None:
+        """Forget the turns (the prefix stays prefilled)."""
+        self.turns.clear()
+
+
+class _TokenQueue(BaseStreamer, StoppingCriteria):
+    """Hands generated token ids to the consuming thread, and stops generation once the consumer has gone."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[list[int] | None] = queue.Queue()
+        self.stop = False
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.queue.put(value.reshape(-1).tolist())
+        self._prompt_seen = True  # generate puts the prompt first
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _check_question(question: str) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("Asker: the question is empty; pass a non-empty question.")
+    return question.strip()
+
+
+def _check_max_new_tokens(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Asker: `max_new_tokens` must be a positive integer, got {value!r}.")
+    return value
+
+
+def _token_starts(tokenizer: Any, text: str) -> tuple[list[int], list[int] | None]:
+    """Token ids of ``text`` (no special tokens) and, for fast tokenizers, each token's start character."""
+    if not getattr(tokenizer, "is_fast", False):
+        return tokenizer(text, add_special_tokens=False)["input_ids"], None
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return encoded["input_ids"], [start for start, _ in encoded["offset_mapping"]]
+
+
+def _forward_parameters(model: torch.nn.Module) -> Any:
+    # a PeftModel forwards **kwargs: the wrapped transformers class names the real parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(type(base).forward).parameters
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    return name in _forward_parameters(model)
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """``"cache"`` (transformers >= 5.2x) or ``"past_key_values"``: the KV cache's argument and output name."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
+def _model_state(model: torch.nn.Module) -> tuple:
+    """What a prefix cache depends on: device and dtype, the PEFT layers' adapter state, and the weights' versions
+    (in-place updates, e.g. optimiser steps or ``load_state_dict``, bump a tensor's version counter)."""
+    weight = model.get_input_embeddings().weight
+    adapters = tuple(
+        (module.disable_adapters, tuple(module.active_adapters), tuple(module.merged_adapters))
+        for module in model.modules()
+        if isinstance(module, BaseTunerLayer)
+    )
+    weights = tuple((id(p), p._version) for p in model.parameters())
+    return weight.device, weight.dtype, adapters, weights
