@@ -38,3 +38,8 @@ from .memorization import MemorizeConfig, evaluate, memorize, templora_config  #
 from .results import MemorizeResult  # noqa: E402
 
 __all__ += ["MemorizeConfig", "MemorizeResult", "evaluate", "memorize", "templora_config"]
+
+# recall: conversations as input, asking a memorised model questions
+from .recall import Asker, Conversation, load_conversation, render_conversation  # noqa: E402
+
+__all__ += ["Asker", "Conversation", "load_conversation", "render_conversation"]

@@ -161,7 +161,7 @@ def test_every_public_name_is_in_the_api_reference():
 def _message_templates() -> list[str]:
     """Every string literal of the package, f-string fields as ``…`` (implicit concatenations joined)."""
     templates = []
-    for path in (ROOT / "peft_locas").glob("*.py"):
+    for path in (ROOT / "peft_locas").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.JoinedStr):
                 parts = [v.value if isinstance(v, ast.Constant) else "…" for v in node.values]

@@ -1,0 +1,96 @@
+"""``peft-locas ask``: answer questions with a memorised model, one JSON line per answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .context import add_asking_options, check_context, context_text
+from .inputs import adapter_config, model_dir
+from .options import UsageError
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("ask", help="ask a memorised model questions (greedy answers as JSON lines)")
+    add_asking_options(parser)
+    parser.add_argument("--question", action="append", default=[], help="a question (repeatable)")
+    parser.add_argument(
+        "--questions",
+        type=Path,
+        default=None,
+        help='JSONL, one {"question": ..., optional "answer", "category"} per line, or a LoCoMo .json (its qa)',
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here instead of stdout")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..recall.dialogue import DialogueError, Question, read_questions
+
+    questions = [Question(question=text) for text in args.question]
+    if args.questions is not None:
+        try:
+            questions += read_questions(args.questions, args.sample)
+        except DialogueError as exc:
+            raise UsageError(str(exc)) from exc
+    if not questions:
+        raise UsageError("no question: pass --question TEXT (repeatable) or --questions FILE.jsonl")
+    if any(not q.question.strip() for q in questions):
+        raise UsageError("an empty question: every --question and every line of --questions needs text")
+    check_context(args)
+    if args.out is not None and args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a folder: give a file path for the JSON lines")
+    if args.adapter is not None:
+        adapter_config(args.adapter)
+    folder = model_dir(args.model, args.adapter)
+
+    from ..recall.asking import Asker
+    from ..recall.metrics import locomo_f1, token_f1
+    from .loading import load, load_adapter
+
+    model, tokenizer, _ = load(folder, args)
+    if args.adapter is not None:
+        model = load_adapter(model, args.adapter)
+    asker = Asker(
+        model,
+        tokenizer,
+        context_text(args, tokenizer),
+        system_prompt=args.system,
+        use_chat_template=False if args.no_chat_template else None,
+        max_new_tokens=args.max_new_tokens,
+    )
+    lines = []
+    for question in questions:
+        answer = asker.ask(question.question)
+        line = {"question": question.question, "answer": answer.text}
+        if question.category is not None:
+            line["category"] = question.category
+        gold = question.answer if question.answer is not None else question.extra.get("adversarial_answer")
+        if gold is not None or question.category == 5:
+            line["gold"] = gold
+            line["f1"] = (
+                locomo_f1(answer.text, gold, question.category)
+                if question.category is not None
+                else token_f1(answer.text, str(gold))
+            )
+        line.update(prompt_tokens=answer.prompt_tokens, new_tokens=answer.new_tokens, seconds=round(answer.seconds, 3))
+        lines.append(json.dumps(line, ensure_ascii=False))
+        if args.out is None:
+            print(lines[-1], flush=True)
+    if args.out is not None:
+        _write_atomic(args.out, "".join(f"{line}\n" for line in lines))
+        print(f"{len(lines)} answers: {args.out}", file=sys.stderr)
+    return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file beside ``path`` and rename it: a failure leaves the old file or none, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)

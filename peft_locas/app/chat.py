@@ -1,0 +1,55 @@
+"""``peft-locas chat``: talk with a memorised model; answers stream as they are generated, Ctrl-D leaves."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .context import add_asking_options, check_context, context_text
+from .inputs import adapter_config, model_dir
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("chat", help="an interactive chat with a memorised model (Ctrl-D to leave)")
+    add_asking_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_context(args)
+    if args.adapter is not None:
+        adapter_config(args.adapter)
+    folder = model_dir(args.model, args.adapter)
+
+    from ..recall.asking import Asker
+    from .loading import load, load_adapter
+
+    model, tokenizer, _ = load(folder, args)
+    if args.adapter is not None:
+        model = load_adapter(model, args.adapter)
+    asker = Asker(
+        model,
+        tokenizer,
+        context_text(args, tokenizer),
+        system_prompt=args.system,
+        use_chat_template=False if args.no_chat_template else None,
+        max_new_tokens=args.max_new_tokens,
+    )
+    chat = asker.chat()
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the memorised model; Ctrl-D to leave", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # Ctrl-D / end of input
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        message = line.strip()
+        if not message:
+            continue
+        for piece in chat.stream(message):
+            print(piece, end="", flush=True)
+        print(flush=True)

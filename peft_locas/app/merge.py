@@ -1,0 +1,44 @@
+"""``peft-locas merge``: bake an adapter into a vanilla transformers checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .inputs import adapter_config, check_out, model_dir
+from .options import UsageError, model_options
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("merge", help="merge an adapter into the model: a vanilla transformers checkpoint")
+    model_options(parser, default_help="the base the adapter recorded, else the prepared SmolLM2")
+    parser.add_argument("--adapter", required=True, type=Path, help="adapter folder (from memorize)")
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    parser.add_argument("--dequantize", action="store_true", help="merge a quantized base exactly, in full precision")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_out(args.out, args.overwrite)
+    config = adapter_config(args.adapter)
+    folder = model_dir(args.model, args.adapter)
+
+    from ..config import LocasConfig
+    from .loading import load, load_adapter
+
+    if args.dequantize and not isinstance(config, LocasConfig):
+        raise UsageError("--dequantize applies to Locas adapters; this adapter is a " + type(config).__name__)
+    model, tokenizer, ranks = load(folder, args)
+    width = getattr(model.config.get_text_config(), "intermediate_size", None)
+    peft_model = load_adapter(model, args.adapter)
+    kwargs = {"dequantize": True} if args.dequantize else {}
+    merged = peft_model.merge_and_unload(**kwargs)
+    if not ranks.is_main:
+        return 0
+    merged.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    new_width = getattr(merged.config.get_text_config(), "intermediate_size", None)
+    grown = f" (MLP intermediate size {width} -> {new_width})" if width != new_width else ""
+    print(f"merged checkpoint{grown}: {args.out}")
+    return 0

@@ -1,0 +1,77 @@
+"""Argument parsing shared by the commands: one-line usage errors, argument types, and the model options."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+class UsageError(Exception):
+    """A bad input; the message is the one line shown after ``error:``."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``error:`` line (no usage block) with exit status 2, and every ``--help``
+    shows the defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def model_options(parser: argparse.ArgumentParser, default_help: str = "the prepared SmolLM2") -> None:
+    """``--model``, ``--dtype``, ``--device`` and the bitsandbytes quantization flags."""
+    parser.add_argument("--model", type=Path, default=None, help=f"local model folder (default: {default_help})")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (auto: the checkpoint's)")
+    parser.add_argument("--device", default=None, help="default: cuda if available (one per rank), else cpu")
+    quantization = parser.add_mutually_exclusive_group()
+    quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 base")
+    quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 base")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def token_limit(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return int(text)
+
+
+def one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
