@@ -1,45 +1,91 @@
 """Locas parametric memories for Hugging Face PEFT.
 
-Importing this package registers the ``LOCAS`` PEFT type, so ``get_peft_model``, ``PeftModel.from_pretrained``,
-``PeftConfig.from_pretrained`` and ``AutoPeftModel*`` handle Locas adapters like any built-in method.
+Importing this package makes ``LOCAS`` a PEFT method as soon as PEFT is imported (at once, if it already is), so
+``get_peft_model``, ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and ``AutoPeftModel*`` handle Locas
+adapters like any built-in method. The package itself imports lazily: ``import peft_locas`` loads neither torch nor
+PEFT; each public name below is imported on first use (after registering LOCAS), as transformers does for its own.
 """
 
-from .config import LocasConfig
-from .data_init import LocasInitState, get_locas_init_state, init_locas_weights
-from .layer import LocasLayer
-from .model import LocasModel
-from .nlsvd import compress_locas_memory
-from .registration import LOCAS_PEFT_TYPE, register_locas
-from .resize import grow_locas_memory
+from __future__ import annotations
 
-try:  # quantized bases: registers bitsandbytes layers with peft_locas.projections
-    from . import bnb as _bnb  # noqa: F401
-except ImportError:  # bitsandbytes is optional at run time; without it, quantized layers are simply unknown
-    pass
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import _hook
 
 __version__ = "0.1.0"
+
+#: public name -> the module defining it
+_EXPORTS = {
+    "LOCAS_PEFT_TYPE": ".registration",
+    "register_locas": ".registration",
+    "LocasConfig": ".config",
+    "LocasLayer": ".layer",
+    "LocasModel": ".model",
+    "LocasInitState": ".data_init",
+    "get_locas_init_state": ".data_init",
+    "init_locas_weights": ".data_init",
+    "compress_locas_memory": ".nlsvd",
+    "grow_locas_memory": ".resize",
+    # test-time memorisation (score, then train) of long texts
+    "MemorizeConfig": ".memorization",
+    "evaluate": ".memorization",
+    "memorize": ".memorization",
+    "templora_config": ".memorization",
+    "MemorizeResult": ".results",
+    # recall: conversations as input, asking a memorised model questions
+    "Asker": ".recall",
+    "Conversation": ".recall",
+    "load_conversation": ".recall",
+    "render_conversation": ".recall",
+}
 __all__ = [
+    "__version__",
+    "Asker",
+    "Conversation",
     "LOCAS_PEFT_TYPE",
     "LocasConfig",
     "LocasInitState",
     "LocasLayer",
     "LocasModel",
-    "__version__",
+    "MemorizeConfig",
+    "MemorizeResult",
     "compress_locas_memory",
+    "evaluate",
     "get_locas_init_state",
     "grow_locas_memory",
     "init_locas_weights",
+    "load_conversation",
+    "memorize",
+    "render_conversation",
+    "templora_config",
 ]
 
-register_locas(LocasConfig, LocasModel)
 
-# test-time memorisation (score, then train) of long texts; after registration, which it relies on
-from .memorization import MemorizeConfig, evaluate, memorize, templora_config  # noqa: E402
-from .results import MemorizeResult  # noqa: E402
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _hook.ensure_registered()  # a Locas class is never handed out before PEFT knows the LOCAS type
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
-__all__ += ["MemorizeConfig", "MemorizeResult", "evaluate", "memorize", "templora_config"]
 
-# recall: conversations as input, asking a memorised model questions
-from .recall import Asker, Conversation, load_conversation, render_conversation  # noqa: E402
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
 
-__all__ += ["Asker", "Conversation", "load_conversation", "render_conversation"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
+    from .config import LocasConfig
+    from .data_init import LocasInitState, get_locas_init_state, init_locas_weights
+    from .layer import LocasLayer
+    from .memorization import MemorizeConfig, evaluate, memorize, templora_config
+    from .model import LocasModel
+    from .nlsvd import compress_locas_memory
+    from .recall import Asker, Conversation, load_conversation, render_conversation
+    from .registration import LOCAS_PEFT_TYPE, register_locas  # noqa: F401 (public, not in __all__)
+    from .resize import grow_locas_memory
+    from .results import MemorizeResult
+
+_hook.install()

@@ -10,6 +10,7 @@ from peft import NoMatchingPeftModuleError
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
+from . import _hook
 from .blocks import BlockKind, find_block_kind, supported_layouts
 from .config import LocasConfig
 from .export import dequantize_base_model, make_block_widths_uniform
@@ -226,3 +227,7 @@ def _summarise(names: list[str], shown: int = 3) -> str:
         return "none"
     more = f", ... ({len(names)} in total)" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+# the end of the tuner's import closure: finishes a registration the import hook had to postpone (see peft_locas._hook)
+_hook.register_if_pending()
