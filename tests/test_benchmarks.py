@@ -27,6 +27,7 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
         ("overhead.py", ["--tokens", "32", "--repeats", "1"], {"inference", "training", "init_vs_forward"}),
         ("merge_fidelity.py", ["--tokens", "32"], {"rows"}),
         ("init_ablation.py", ["--chunk", "32", "--steps", "1", "--offsets", "0,64"], {"runs", "mean_next_chunk_loss"}),
+        ("startup.py", ["--repeats", "1"], {"rows", "repeats"}),
     ],
 )
 def test_benchmark_smallest_mode(tmp_path, script, extra, keys):
@@ -163,6 +164,9 @@ def test_benchmarks_explain_themselves():
         "book_ppl.py",
         "forgetting.py",
         "init_ablation.py",
+        "startup.py",
+        "locomo.py",
+        "recall_study.py",
     ):
         done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "usage:" in done.stdout

@@ -159,6 +159,15 @@ def test_bad_inputs_give_one_error_line(files, tmp_path, capsys, monkeypatch):
             r"--dequantize applies to Locas adapters",
         ),
     ]
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "adapter_config.json").write_bytes((files["adapters"]["locas"] / "adapter_config.json").read_bytes())
+    weights = (files["adapters"]["locas"] / "adapter_model.safetensors").read_bytes()
+    for content in (weights[: len(weights) // 2], b"", b"not a safetensors file at all"):  # truncated, empty, foreign
+        (damaged / "adapter_model.safetensors").write_bytes(content)
+        for command in (["merge", "--out", out], ["eval", "--text", text]):
+            status, line = error_of(capsys, [*command, "--model", main, "--adapter", str(damaged)])
+            assert status == 1 and re.search(r"damaged/adapter_model\.safetensors is not a readable safetensors", line)
     for argv, expected_status, pattern in cases:
         status, line = error_of(capsys, argv)
         assert status == expected_status, (argv, line)
