@@ -205,6 +205,167 @@ def targets_table(results: dict[str, dict[str, Any]]) -> str:
     return table(rows, {"target": None, "measured": None, "met": None})
 
 
+#: the paper's LoCoMo F1 (Locas, arXiv 2602.05085, Table 5; Qwen3-1.7B) as it prints them, beside our settings
+PAPER_LOCOMO = [
+    {"questions": "single-hop", "category": "4", "window": "long", "paper": (41.6, 37.3, 37.7)},
+    {"questions": "adversarial", "category": "5", "window": "long", "paper": (-28.7, -33.0, -31.8)},
+    {"questions": "multi-hop, no dialogue (No Cxt)", "category": "1", "window": "none", "paper": (8.4, None, 4.5)},
+]
+
+
+def with_stderr(entry: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str | None:
+    """``mean ± stderr`` of a ``{n, mean, stderr}`` entry (``None`` without data)."""
+    if entry.get("mean") is None:
+        return None
+    return f"{scale * entry['mean']:.{digits}f} ± {scale * entry['stderr']:.{digits}f}"
+
+
+def locomo_file(results_dir: Path) -> Path | None:
+    """The LoCoMo result to show: the full run's, else the quick run's, else none."""
+    for name in ("locomo.json", "locomo_quick.json"):
+        if (results_dir / name).exists():
+            return results_dir / name
+    return None
+
+
+def locomo_targets(result: dict[str, Any]) -> list[dict[str, str]]:
+    """The issue's LoCoMo targets, per dataset: a Locas memory beats no memory (short window: on the questions whose
+    evidence lies outside it; no dialogue: on all), and beats LoRA in the same setting; met when the mean paired
+    difference of gold log-likelihood per token exceeds its standard error."""
+    rows = []
+    for dataset, summary in result["datasets"].items():
+        by = {(item["a"], item["b"], item["subset"]): item["loglik"] for item in summary["paired"]}
+        locas = [m for m in result["protocol"]["memories"] if m.startswith("locas")]
+        for memory in locas:
+            checks = [(f"short+{memory}", "short", "outside"), (f"none+{memory}", "none", "all")]
+            if "lora" in result["protocol"]["memories"]:
+                checks += [(f"short+{memory}", "short+lora", "outside"), (f"none+{memory}", "none+lora", "all")]
+            for a, b, subset in checks:
+                entry = by.get((a, b, subset), {"n": 0, "mean": None})
+                where = "questions with evidence outside the short window" if subset == "outside" else "all questions"
+                met = entry["n"] > 0 and entry["mean"] > entry["stderr"]
+                measured = f"{with_stderr(entry)} (n={entry['n']})" if entry["n"] else "no questions"
+                rows.append(
+                    {
+                        "target": f"{dataset}: `{a}` beats `{b}` on {where}",
+                        "measured": measured,
+                        "met": "yes" if met else "**no**",
+                    }
+                )
+    return rows
+
+
+def locomo_tables(result: dict[str, Any], file: str = "locomo.json") -> str:
+    """The LoCoMo benchmark's section: which run, per dataset every setting, F1 per category and the paired
+    differences, the targets, the paper's Table 5 beside ours, and what every run cost."""
+    machine = result.get("machine", {})
+    parts = [
+        f"*From `benchmarks/results/{file}` (finished {result.get('finished', '?')}; {result['mode']} mode; torch "
+        f"{machine.get('torch', '?')}, {machine.get('torch_threads', '?')} CPU threads).*\n\n"
+    ]
+    if result["quick_mode"]:
+        parts.append(f"This is a **quick** run, not the full benchmark: {result['quick_mode']}\n\n")
+    shown = ", ".join(
+        f"{name} ({info['dataset']}, {info['tokens']:,} tokens, {info['questions']} questions)"
+        for name, info in result["conversations"].items()
+    )
+    ids = ", ".join(f"{key} = {value}" for key, value in result["category_names"].items())
+    parts.append(
+        f'Conversations: {shown}. LoCoMo category ids: {ids}. F1 is x100; "gold loglik" is the gold answer\'s mean '
+        f'log-likelihood per token (nats; adversarial gold: "{result["adversarial_gold"]}"). "outside": the questions '
+        "whose evidence turns all lie before the window in use (for no dialogue, every question with evidence). "
+        "Mean ± standard error.\n"
+    )
+    for dataset, summary in result["datasets"].items():
+        parts.append(_locomo_dataset(dataset, summary, result["category_names"]))
+    parts.append("\nTargets (gold log-likelihood per token, mean paired difference > its standard error):\n\n")
+    parts.append(table(locomo_targets(result), {"target": None, "measured": None, "met": None}))
+    if "locomo" in result["datasets"]:
+        parts.append(
+            "\nBeside the paper's Table 5 (Qwen3-1.7B, F1 as the paper prints them), with context (same window) and "
+            "without (No Cxt); here SmolLM2-135M-Instruct, our category ids' names:\n\n"
+        )
+        parts.append(_paper_table(result["datasets"]["locomo"]["settings"]))
+    parts.append("\nWall and CPU time of every run (a memory's CPU time covers its last process only):\n\n")
+    parts.append(_cost_table(result["conversations"]))
+    parts.append(f"\nTotal wall time of all runs: {result['total_wall_time_s'] / 60:.1f} min.\n")
+    return "".join(parts)
+
+
+def _locomo_dataset(dataset: str, summary: dict[str, Any], category_names: dict[str, str]) -> str:
+    rows, category_rows = [], []
+    categories = sorted({c for entry in summary["settings"].values() for c in entry["categories"]}, key=int)
+    labels = {}
+    for category in categories:
+        count = max(
+            entry["categories"].get(category, {"f1": {"n": 0}})["f1"]["n"] for entry in summary["settings"].values()
+        )
+        labels[category] = f"{category} {category_names.get(category, '?')} (n={count})"
+    for name, entry in summary["settings"].items():
+        rows.append(
+            {
+                "setting": f"`{name}`",
+                "n": entry["all"]["f1"]["n"],
+                "F1": with_stderr(entry["all"]["f1"], 100, 1),
+                "gold loglik": with_stderr(entry["all"]["loglik"]),
+                "outside n": entry["outside"]["f1"]["n"],
+                "outside F1": with_stderr(entry["outside"]["f1"], 100, 1),
+                "outside loglik": with_stderr(entry["outside"]["loglik"]),
+            }
+        )
+        scores = entry["categories"]
+        category_rows.append(
+            {"setting": f"`{name}`"}
+            | {label: with_stderr(scores[c]["f1"], 100, 1) if c in scores else None for c, label in labels.items()}
+        )
+    paired = [
+        {
+            "a - b": f"`{item['a']}` - `{item['b']}`",
+            "questions": item["subset"],
+            "n": item["loglik"]["n"],
+            "loglik diff": with_stderr(item["loglik"]),
+            "F1 diff": with_stderr(item["f1"], 100, 1),
+        }
+        for item in summary["paired"]
+    ]
+    return (
+        f"\n**{dataset}**, every setting:\n\n"
+        + table(rows, dict.fromkeys(rows[0]))
+        + f"\n**{dataset}**, F1 per category:\n\n"
+        + table(category_rows, dict.fromkeys(["setting", *labels.values()]))
+        + f"\n**{dataset}**, paired differences per question (a - b):\n\n"
+        + table(paired, dict.fromkeys(paired[0]))
+    )
+
+
+def _paper_table(settings: dict[str, Any]) -> str:
+    rows = []
+    for item in PAPER_LOCOMO:
+        row: dict[str, Any] = {"questions": item["questions"]}
+        row |= dict(zip(("paper Locas", "paper full attention", "paper TempLoRA"), item["paper"], strict=True))
+        window = item["window"]
+        for label, name in (("here Locas", f"{window}+locas_ntp"), ("here no memory", window)):
+            entry = settings.get(name, {}).get("categories", {}).get(item["category"])
+            row[label] = f"{with_stderr(entry['f1'], 100, 1)} (`{name}`)" if entry else None
+        name = f"{window}+lora"
+        entry = settings.get(name, {}).get("categories", {}).get(item["category"])
+        row["here LoRA"] = f"{with_stderr(entry['f1'], 100, 1)} (`{name}`)" if entry else None
+        rows.append(row)
+    columns: dict[str, Any] = dict.fromkeys(rows[0])
+    columns |= dict.fromkeys(("paper Locas", "paper full attention", "paper TempLoRA"), fixed(1))
+    return table(rows, columns)
+
+
+def _cost_table(conversations: dict[str, Any]) -> str:
+    rows = []
+    for name, info in conversations.items():
+        for memory, cost in info["memories"].items():
+            rows.append({"run": f"{name}: memorise into `{memory}`", "wall s": cost["wall_s"], "cpu s": cost["cpu_s"]})
+        for setting, cost in info["settings"].items():
+            rows.append({"run": f"{name}: answer in `{setting}`", "wall s": cost["wall_s"], "cpu s": cost["cpu_s"]})
+    return table(rows, {"run": None, "wall s": fixed(0), "cpu s": fixed(0)})
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "book_ppl": book_ppl_tables,
     "forgetting": forgetting_table,
@@ -232,6 +393,31 @@ def render(results_dir: Path, out: Path) -> list[Path]:
     if (results_dir / "book_ppl.png").exists():
         written.append(out / "book_ppl.png")
         shutil.copyfile(results_dir / "book_ppl.png", written[-1])
+    written += locomo_section(results_dir, out)
+    return written
+
+
+def locomo_section(results_dir: Path, out: Path) -> list[Path]:
+    """``locomo.md`` (and the plot it shows) from the full LoCoMo result, else the quick one; without either, a
+    line saying so (the page includes the file either way)."""
+    locomo = locomo_file(results_dir)
+    if locomo is None:
+        (out / "locomo.md").write_text(
+            "No LoCoMo result is committed yet (`benchmarks/results/locomo.json` or `locomo_quick.json`), so there "
+            "are no measurements here and its targets are not evaluated: run `python benchmarks/locomo.py --quick` "
+            "(or the full mode), then `python benchmarks/report.py`.\n"
+        )
+        return [out / "locomo.md"]
+    result = json.loads(locomo.read_text())
+    text, written = locomo_tables(result, locomo.name), [out / "locomo.md"]
+    if (results_dir / result["plot"]).exists():
+        written.append(out / "locomo.png")
+        shutil.copyfile(results_dir / result["plot"], written[-1])
+        text += (
+            "\n![Gold-answer log-likelihood and F1 per setting, all questions and those outside the window]"
+            "(benchmark-results/locomo.png)\n"
+        )
+    written[0].write_text(text)
     return written
 
 
