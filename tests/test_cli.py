@@ -196,3 +196,20 @@ def test_assets_command_passes_its_arguments_on(monkeypatch):
     monkeypatch.setattr(assets, "main", lambda argv: seen.append(argv) or 0)
     assert cli.main(["assets", "--only", "books", "--cache-dir", "/somewhere"]) == 0
     assert seen == [["--only", "books", "--cache-dir", "/somewhere"]]
+
+
+def test_merge_keeps_the_base_dtype_and_warns_on_a_needless_dequantize(files, tmp_path, capsys):
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(files["main"], dtype=torch.bfloat16).save_pretrained(base)
+    (base / "tokenizer.json").write_bytes((files["main"] / "tokenizer.json").read_bytes())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (files["main"] / name).exists():
+            (base / name).write_bytes((files["main"] / name).read_bytes())
+    adapter = files["adapters"]["locas"]
+    merged = tmp_path / "merged"
+    argv = ["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(merged), "--dequantize"]
+    assert cli.main(argv) == 0
+    assert "warning: --dequantize has no effect: the base is not quantized" in capsys.readouterr().err
+    assert AutoModelForCausalLM.from_pretrained(merged).dtype == torch.bfloat16
+    assert cli.main([*argv[:-1], "--overwrite", "--dtype", "float32"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(merged).dtype == torch.float32

@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .context import add_asking_options, check_context, context_text
-from .inputs import adapter_config, model_dir
+from .context import add_asking_options, load_asker
 from .options import UsageError
 
 
@@ -39,28 +38,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no question: pass --question TEXT (repeatable) or --questions FILE.jsonl")
     if any(not q.question.strip() for q in questions):
         raise UsageError("an empty question: every --question and every line of --questions needs text")
-    check_context(args)
     if args.out is not None and args.out.is_dir():
         raise UsageError(f"--out {args.out} is a folder: give a file path for the JSON lines")
-    if args.adapter is not None:
-        adapter_config(args.adapter)
-    folder = model_dir(args.model, args.adapter)
+    asker = load_asker(args)
 
-    from ..recall.asking import Asker
     from ..recall.metrics import locomo_f1, token_f1
-    from .loading import load, load_adapter
 
-    model, tokenizer, _ = load(folder, args)
-    if args.adapter is not None:
-        model = load_adapter(model, args.adapter)
-    asker = Asker(
-        model,
-        tokenizer,
-        context_text(args, tokenizer),
-        system_prompt=args.system,
-        use_chat_template=False if args.no_chat_template else None,
-        max_new_tokens=args.max_new_tokens,
-    )
     lines = []
     for question in questions:
         answer = asker.ask(question.question)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .context import add_asking_options, check_context, context_text
-from .inputs import adapter_config, model_dir
+from .context import add_asking_options, load_asker
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -16,25 +15,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_context(args)
-    if args.adapter is not None:
-        adapter_config(args.adapter)
-    folder = model_dir(args.model, args.adapter)
-
-    from ..recall.asking import Asker
-    from .loading import load, load_adapter
-
-    model, tokenizer, _ = load(folder, args)
-    if args.adapter is not None:
-        model = load_adapter(model, args.adapter)
-    asker = Asker(
-        model,
-        tokenizer,
-        context_text(args, tokenizer),
-        system_prompt=args.system,
-        use_chat_template=False if args.no_chat_template else None,
-        max_new_tokens=args.max_new_tokens,
-    )
+    asker = load_asker(args)
     chat = asker.chat()
     interactive = sys.stdin.isatty()
     if interactive:

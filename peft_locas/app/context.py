@@ -1,12 +1,13 @@
-"""The recent context a question is asked with: a file (``--context``), or the last N tokens of the text the adapter
-memorised (``--context-tokens``, read again from the path and sample its results recorded)."""
+"""What ``ask`` and ``chat`` share: their options, the recent context a question is asked with (a file,
+``--context``, or the last N tokens of the text the adapter memorised, ``--context-tokens``, read again from the path
+and sample its results recorded), and the `Asker` over the loaded model."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .inputs import RESULTS_FILE, memorize_record, read_source
+from .inputs import RESULTS_FILE, adapter_config, memorize_record, model_dir, read_source
 from .options import UsageError, int_at_least, model_options, positive_int
 
 
@@ -63,3 +64,26 @@ def context_text(args: argparse.Namespace, tokenizer) -> str | None:
     source, max_tokens = _memorised_source(args.adapter)
     ids = tokenizer(source.text, verbose=False)["input_ids"][:max_tokens]  # what memorize read (max_tokens None: all)
     return tokenizer.decode(ids[-args.context_tokens :])
+
+
+def load_asker(args: argparse.Namespace):
+    """The model (with ``--adapter`` when given) and its `Asker`, once every cheap check has passed."""
+    check_context(args)
+    if args.adapter is not None:
+        adapter_config(args.adapter)
+    folder = model_dir(args.model, args.adapter)
+
+    from ..recall.asking import Asker
+    from .loading import load, load_adapter
+
+    model, tokenizer, _ = load(folder, args)
+    if args.adapter is not None:
+        model = load_adapter(model, args.adapter)
+    return Asker(
+        model,
+        tokenizer,
+        context_text(args, tokenizer),
+        system_prompt=args.system,
+        use_chat_template=False if args.no_chat_template else None,
+        max_new_tokens=args.max_new_tokens,
+    )

@@ -27,10 +27,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def model_options(parser: argparse.ArgumentParser, default_help: str = "the prepared SmolLM2") -> None:
-    """``--model``, ``--dtype``, ``--device`` and the bitsandbytes quantization flags."""
+def model_options(
+    parser: argparse.ArgumentParser, default_help: str = "the prepared SmolLM2", dtype: str = "float32"
+) -> None:
+    """``--model``, ``--dtype`` (default ``dtype``), ``--device`` and the bitsandbytes quantization flags."""
     parser.add_argument("--model", type=Path, default=None, help=f"local model folder (default: {default_help})")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (auto: the checkpoint's)")
+    parser.add_argument("--dtype", choices=DTYPES, default=dtype, help="weights dtype (auto: the checkpoint's)")
     parser.add_argument("--device", default=None, help="default: cuda if available (one per rank), else cpu")
     quantization = parser.add_mutually_exclusive_group()
     quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 base")
