@@ -65,6 +65,8 @@ RECIPES: dict[str, dict[str, float]] = {
 _RUNTIME_FIELDS = ("checkpoint_dir", "checkpoint_every", "show_progress")
 # settings that only shape a distillation run (left out of an NTP run's protocol, so older checkpoints still resume)
 _DISTILL_FIELDS = ("objective", "teacher_context_tokens", "distill_top_k", "ntp_weight")
+# settings that only shape a self-study run (left out when self_study_questions is 0, for the same reason)
+_SELF_STUDY_FIELDS = ("self_study_questions", "self_study_steps")
 
 
 def templora_config(r: int = 64) -> LoraConfig:
@@ -99,6 +101,12 @@ class MemorizeConfig:
             percentile 66%) of its next-token probability (top 256: mean 94%); the rest is still matched as one
             outcome, so moving mass into or out of the tail costs, only its spread within the tail is ignored.
         ntp_weight: with ``"distill"``, the weight of the next-token loss added to the KL (0: pure distillation).
+        self_study_questions: self-study (`peft_locas.recall.self_study`, after Cartridges): questions per chunk the
+            base model writes about the chunk's window, answers reading it (the teacher, top ``distill_top_k``), and
+            the memory is trained to answer with no context, as `peft_locas.recall.Asker` asks (KL on the answer
+            tokens), after the chunk's regular steps; 0: off. Needs the tokenizer and a single process.
+        self_study_steps: optimiser steps per chunk on its self-study questions (``None``: ``steps_per_chunk``;
+            0: the questions and answers are only generated and recorded).
         lr, adam_eps, warmup_steps: AdamW learning rate, epsilon and linear warm-up (in steps, counted over the whole
             run, as transformers' constant schedule with warm-up); ``None`` takes ``RECIPES`` for the adapter type.
         weight_decay: AdamW weight decay (0: norm clipping already bounds a memory).
@@ -120,6 +128,8 @@ class MemorizeConfig:
     teacher_context_tokens: int | None = None
     distill_top_k: int | None = 64
     ntp_weight: float = 0.0
+    self_study_questions: int = 0
+    self_study_steps: int | None = None
     lr: float | None = None
     adam_eps: float | None = None
     warmup_steps: int | None = None
@@ -139,7 +149,8 @@ class MemorizeConfig:
         _check_int("steps_per_chunk", self.steps_per_chunk, minimum=0)
         _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         _check_int("seed", self.seed, minimum=0)
-        for name in ("max_tokens", "warmup_steps"):
+        _check_int("self_study_questions", self.self_study_questions, minimum=0)
+        for name in ("max_tokens", "warmup_steps", "self_study_steps"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1 if name == "max_tokens" else 0)
         for name in ("lr", "adam_eps"):
@@ -172,6 +183,13 @@ class MemorizeConfig:
         """The longest window the student reads: a chunk and its prefix."""
         return self.chunk_tokens + self.context_tokens
 
+    @property
+    def study_steps(self) -> int:
+        """Self-study steps per chunk: ``self_study_steps``, else ``steps_per_chunk`` (0 without self-study)."""
+        if not self.self_study_questions:
+            return 0
+        return self.steps_per_chunk if self.self_study_steps is None else self.self_study_steps
+
     def recipe(self, adapter_type: str) -> dict[str, float]:
         """Learning rate, AdamW epsilon and warm-up steps: the ones set here, else the adapter type's defaults."""
         return {
@@ -181,8 +199,14 @@ class MemorizeConfig:
 
     def protocol(self, adapter_type: str) -> dict[str, Any]:
         """Every setting that shapes the results (what a resumed run must share), optimiser defaults resolved. The
-        distillation settings are part of it for ``objective="distill"`` only: they do not shape an NTP run."""
+        distillation settings are part of it for ``objective="distill"`` only: they do not shape an NTP run; the
+        self-study settings with ``self_study_questions > 0`` only (and then ``distill_top_k``, which its teacher
+        keeps, too)."""
         skipped = _RUNTIME_FIELDS + (_DISTILL_FIELDS if self.objective == "ntp" else ())
+        if not self.self_study_questions:
+            skipped += _SELF_STUDY_FIELDS
+        else:
+            skipped = tuple(name for name in skipped if name != "distill_top_k")
         settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         return {**settings, **self.recipe(adapter_type)}
 
@@ -216,9 +240,10 @@ def memorize(
         results as, an interrupted run.
 
     Raises:
-        ValueError: a text shorter than one chunk, no tokenizer for a text, an adapter that is not Locas or LoRA, or,
-            when distilling with ``teacher_context_tokens=None``, a model whose ``max_position_embeddings`` is missing
-            or shorter than the student's window.
+        ValueError: a text shorter than one chunk, no tokenizer for a text (or for self-study), an adapter that is not
+            Locas or LoRA, self-study under torch.distributed, or, when distilling with
+            ``teacher_context_tokens=None``, a model whose ``max_position_embeddings`` is missing or shorter than the
+            student's window.
     """
     started = time.perf_counter()
     config = config or MemorizeConfig()
@@ -240,6 +265,21 @@ def memorize(
             protocol["unit_starts_sha256"] = hashlib.sha256(json.dumps(unit_starts).encode()).hexdigest()
         run_fingerprint = fingerprint(peft_model, settings, protocol, ids)
     text = _Reader.of(peft_model, ids)
+    study = None
+    if config.self_study_questions:
+        if tokenizer is None:
+            raise ValueError(
+                "memorize: self-study reads each chunk as text: pass the tokenizer, or self_study_questions=0"
+            )
+        if text.ranks.distributed:
+            raise ValueError(
+                "memorize: self-study runs in a single process: set self_study_questions=0 under torch.distributed"
+            )
+        from .recall.self_study import SelfStudy
+
+        study = SelfStudy(
+            peft_model, tokenizer, config.self_study_questions, config.study_steps, config.seed, config.distill_top_k
+        )
     if adapter_type == "locas" and config.init is not None:
         first = windows[0]
         init_locas_weights(
@@ -257,6 +297,8 @@ def memorize(
     parameters = [p for _, p in named]
     recipe = config.recipe(adapter_type)
     optimizer = torch.optim.AdamW(parameters, lr=recipe["lr"], eps=recipe["adam_eps"], weight_decay=config.weight_decay)
+    clip = functools.partial(peft_model.clip_memory_norms_, [config.adapter_name]) if adapter_type == "locas" else None
+    update = _Update(optimizer, parameters, text.ranks, recipe, clip)
     checkpoint = dict(
         peft_model=peft_model,
         adapter_name=config.adapter_name,
@@ -266,14 +308,15 @@ def memorize(
         ranks=text.ranks,
     )
     result = MemorizeResult(
-        baseline_losses=[] if config.compare_baseline else None, train_losses=[] if config.steps_per_chunk else None
+        baseline_losses=[] if config.compare_baseline else None,
+        train_losses=[] if config.steps_per_chunk else None,
+        self_study=[] if study is not None else None,
     )
     if config.checkpoint_dir is not None:
         restored = load_checkpoint(config.checkpoint_dir, **checkpoint)
         if restored is not None:
             result = MemorizeResult.from_dict(restored)
     done = len(result.token_counts)
-    step = done * config.steps_per_chunk
     elapsed_before = result.wall_time_s
     was_training = peft_model.training
     bar = _progress_bar(windows, done, config.show_progress and text.ranks.is_main, "memorize")
@@ -286,19 +329,17 @@ def memorize(
             teacher = text.teacher(peft_model, window, teacher_context, config.distill_top_k) if teaching else None
             peft_model.train()
             train_loss = torch.zeros((), device=text.ids.device)
+            # the schedule's clock: every chunk takes its nominal steps (also where self-study found no question)
+            update.step = index * (config.steps_per_chunk + config.study_steps)
             for _ in range(config.steps_per_chunk):
                 train_loss += text.backward(peft_model, window, loss, teacher)
-                text.ranks.sum_gradients_(parameters)
-                for group in optimizer.param_groups:
-                    group["lr"] = _learning_rate(recipe, step)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if adapter_type == "locas":
-                    peft_model.clip_memory_norms_([config.adapter_name])
-                step += 1
+                update()
             mean_train_loss = text.ranks.sum(train_loss) / config.steps_per_chunk if config.steps_per_chunk else None
+            studied = study.run(text.ids[window.start : window.end], index, update) if study is not None else None
             elapsed = elapsed_before + time.perf_counter() - started
-            result.add_chunk(window.scored, score, baseline, elapsed, text.ids.device, train_loss=mean_train_loss)
+            result.add_chunk(
+                window.scored, score, baseline, elapsed, text.ids.device, train_loss=mean_train_loss, self_study=studied
+            )
             chunks_done = index + 1
             if config.checkpoint_dir is not None and (
                 chunks_done % config.checkpoint_every == 0 or chunks_done == len(windows)
@@ -417,6 +458,29 @@ class _Reader:
         kwargs = {"logits_to_keep": window.scored + 1} if self.keeps_logits else {}
         logits = model(input_ids=self.ids[window.start : window.end].unsqueeze(0), use_cache=False, **kwargs).logits
         return logits[0, -window.scored - 1 : -1]
+
+
+@dataclass
+class _Update:
+    """One optimiser step of the run, on the gradients accumulated since the last: summed over the ranks, AdamW at the
+    schedule's learning rate for step number ``step`` (then counted), gradients zeroed, a memory's rows clipped."""
+
+    optimizer: torch.optim.Optimizer
+    parameters: list[torch.nn.Parameter]
+    ranks: Ranks
+    recipe: dict[str, float]
+    clip: Callable[[], None] | None
+    step: int = 0
+
+    def __call__(self) -> None:
+        self.ranks.sum_gradients_(self.parameters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = _learning_rate(self.recipe, self.step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.clip is not None:
+            self.clip()
+        self.step += 1
 
 
 def _learning_rate(recipe: dict[str, float], step: int) -> float:

@@ -24,7 +24,10 @@ class MemorizeResult:
     it; ``baseline_losses[i]`` the same with the adapter disabled (when asked). ``train_losses[i]`` is the training
     objective's loss on chunk ``i`` (NTP: mean NLL; distillation: mean KL, plus the weighted NLL), averaged over its
     steps and each taken before its step's update (``None`` for evaluation, runs without training steps, and results
-    saved before it existed). ``model`` is the trained ``PeftModel`` (not serialised), also when `memorize()` created
+    saved before it existed). ``self_study[i]`` is what self-study generated and learnt on chunk ``i``
+    (`peft_locas.recall.self_study`): ``{"questions": [{"question": ..., "answer": ...}, ...], "losses": [...]}``, the
+    losses being each self-study step's mean KL per answer token before its update (``None`` without self-study).
+    ``model`` is the trained ``PeftModel`` (not serialised), also when `memorize()` created
     it from a base model.
     """
 
@@ -32,6 +35,7 @@ class MemorizeResult:
     losses: list[float] = field(default_factory=list)
     baseline_losses: list[float] | None = None
     train_losses: list[float] | None = None
+    self_study: list[dict[str, Any]] | None = None
     wall_time_s: float = 0.0
     peak_memory_bytes: int | None = None
     peak_memory_kind: str | None = None
@@ -72,9 +76,11 @@ class MemorizeResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemorizeResult:
-        """Read the recorded fields back (aggregates are recomputed); older results may lack ``train_losses``."""
-        values = {f.name: data[f.name] for f in fields(cls) if f.name not in ("model", "train_losses")}
-        return cls(**values, train_losses=data.get("train_losses"))
+        """Read the recorded fields back (aggregates are recomputed); older results may lack ``train_losses`` and
+        ``self_study``."""
+        optional = ("train_losses", "self_study")
+        values = {f.name: data[f.name] for f in fields(cls) if f.name not in ("model", *optional)}
+        return cls(**values, **{name: data.get(name) for name in optional})
 
     def add_chunk(
         self,
@@ -84,8 +90,9 @@ class MemorizeResult:
         wall_time_s: float,
         device: torch.device,
         train_loss: float | None = None,
+        self_study: dict[str, Any] | None = None,
     ) -> None:
-        """Record a scored chunk (and its training loss, when ``train_losses`` is recorded), and the run's time and
+        """Record a scored chunk (and its training loss and self-study record, when recorded), and the run's time and
         peak memory so far (CUDA's when ``device`` is a GPU)."""
         self.token_counts.append(tokens)
         self.losses.append(loss)
@@ -93,6 +100,8 @@ class MemorizeResult:
             self.baseline_losses.append(baseline_loss)
         if self.train_losses is not None:
             self.train_losses.append(train_loss)
+        if self.self_study is not None:
+            self.self_study.append(self_study)
         self.wall_time_s = wall_time_s
         peak, kind = _peak_memory(device)
         if peak is not None:

@@ -54,6 +54,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="distill: tokens the teacher reads (default: as many as the model takes)",
     )
+    parser.add_argument(
+        "--self-study-questions",
+        type=int_at_least(0),
+        default=0,
+        help="questions the model writes and answers about each chunk, then learns to answer without it (0: off)",
+    )
     parser.add_argument("--max-tokens", type=token_limit, default=None, help="memorise the first N tokens, or all")
     parser.add_argument("--seed", type=int_at_least(0), default=0, help="seeds the adapter's creation and training")
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="save here, and resume from here")
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         init=args.init,
         objective=args.objective,
         teacher_context_tokens=args.teacher_context_tokens,
+        self_study_questions=args.self_study_questions,
         max_tokens=args.max_tokens,
         compare_baseline=args.compare_baseline,
         seed=args.seed,
