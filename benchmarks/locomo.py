@@ -307,31 +307,39 @@ def adversarial_prediction(answer: str, options: dict[str, str]) -> str:
     return answer
 
 
-def answer_questions(asker, dialogue: Dialogue, shown: View, todo, args, out) -> int:
-    """Ask ``todo`` questions, appending one JSON line per answer to ``out`` (flushed: a kill loses at most one)."""
-    for index, question in todo:
+def answer_questions(asker, dialogue: Dialogue, shown: View, todo, args, out, batch_size: int = 8) -> int:
+    """Ask ``todo`` questions in batches of ``batch_size`` that share the prefilled window (`Asker.ask_many`, then
+    `Asker.answer_logprobs` for the gold answers), appending one JSON line per answer to ``out`` as each batch is done
+    (flushed: a kill loses at most one batch). A record's ``wall_s`` and ``cpu_s`` are its batch's shared equally."""
+    for first in range(0, len(todo), batch_size):
+        batch = todo[first : first + batch_size]
         wall, cpu = time.perf_counter(), time.process_time()
-        text, options = question_prompt(question, index, args.seed)
-        answer = asker.ask(text)
-        prediction = adversarial_prediction(answer.text, options) if options else answer.text
-        gold = ADVERSARIAL_GOLD if question.category == 5 else str(question.answer)
-        logprob, tokens = asker.answer_logprob(text, gold)
-        record = {
-            "key": index,
-            "question": question.question,
-            "category": question.category,
-            "gold": gold,
-            "prediction": prediction,
-            "raw": answer.text,
-            "f1": locomo_f1(prediction, question.answer, question.category),
-            "logprob": logprob,
-            "gold_tokens": tokens,
-            "loglik": logprob / tokens,
-            "outside": shown.outside(dialogue, question),
-            "wall_s": time.perf_counter() - wall,
-            "cpu_s": time.process_time() - cpu,
-        }
-        out.write(json.dumps(record) + "\n")
+        prompts = [question_prompt(question, index, args.seed) for index, question in batch]
+        golds = [ADVERSARIAL_GOLD if question.category == 5 else str(question.answer) for _, question in batch]
+        texts = [text for text, _ in prompts]
+        answers = asker.ask_many(texts, batch_size=batch_size)
+        scores = asker.answer_logprobs(list(zip(texts, golds, strict=True)), batch_size=batch_size)
+        wall, cpu = (time.perf_counter() - wall) / len(batch), (time.process_time() - cpu) / len(batch)
+        for (index, question), (_, options), gold, answer, (logprob, tokens) in zip(
+            batch, prompts, golds, answers, scores, strict=True
+        ):
+            prediction = adversarial_prediction(answer.text, options) if options else answer.text
+            record = {
+                "key": index,
+                "question": question.question,
+                "category": question.category,
+                "gold": gold,
+                "prediction": prediction,
+                "raw": answer.text,
+                "f1": locomo_f1(prediction, question.answer, question.category),
+                "logprob": logprob,
+                "gold_tokens": tokens,
+                "loglik": logprob / tokens,
+                "outside": shown.outside(dialogue, question),
+                "wall_s": wall,
+                "cpu_s": cpu,
+            }
+            out.write(json.dumps(record) + "\n")
         out.flush()
     return len(todo)
 

@@ -1,5 +1,6 @@
 """Asking a model questions (peft_locas.recall.asking) on tiny models: both prompt forms, cached answers and
-log-probabilities equal to uncached ones, one prefill of the context, streaming, multi-turn chat, adapters, errors."""
+log-probabilities equal to uncached ones, batched answers and log-probabilities equal to one-by-one ones, one prefill
+of the context, streaming, multi-turn chat, adapters, errors."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import torch
 import transformers as tf
 from peft import get_peft_model
 from tiny_checkpoint import sample_text, tiny_tokenizer
+from transformers.cache_utils import DynamicLayer
 
 from peft_locas import LocasConfig
-from peft_locas.recall.asking import CONTEXT_INSTRUCTION, MEMORY_INSTRUCTION, Asker, fit_context
+from peft_locas.recall.asking import CONTEXT_INSTRUCTION, MEMORY_INSTRUCTION, Asker, _ReservedLayer, fit_context
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -54,9 +56,10 @@ def conversation(words: int = 300) -> str:
     return "".join(f"{('Alice', 'Bob')[i % 2]}: {s}\n" for i, s in enumerate(sentences))
 
 
-def llama(tokenizer, seed: int = 0, positions: int = 2048) -> tf.LlamaForCausalLM:
+def llama(tokenizer, seed: int = 0, positions: int = 2048, init: float = 0.02) -> tf.LlamaForCausalLM:
     eos = tokenizer.eos_token_id
     config = tf.LlamaConfig(
+        initializer_range=init,
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -72,6 +75,15 @@ def llama(tokenizer, seed: int = 0, positions: int = 2048) -> tf.LlamaForCausalL
     return tf.LlamaForCausalLM(config).eval()
 
 
+def stopping_llama(tokenizer) -> tf.LlamaForCausalLM:
+    """A tiny Llama whose answers depend on the question (larger initial weights) and stop at different steps: its
+    end-of-sequence logit is 1.2 times a common token's, so it ends an answer where that token would come."""
+    model = llama(tokenizer, init=0.2)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = 1.2 * model.lm_head.weight[270]
+    return model
+
+
 def greedy_reference(model, prompt_ids: torch.Tensor, limit: int, eos: list[int]) -> list[int]:
     """Greedy decoding by full forwards over the whole sequence, no cache anywhere."""
     ids, new = prompt_ids, []
@@ -83,6 +95,15 @@ def greedy_reference(model, prompt_ids: torch.Tensor, limit: int, eos: list[int]
             if token in eos:
                 break
     return new
+
+
+def greedy_margins(model, prompt_ids: torch.Tensor, new: list[int]) -> list[float]:
+    """At each greedy step, the chosen token's logit minus the runner-up's (one full forward, no cache)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompt_ids, torch.tensor([new])], dim=1), use_cache=False).logits[0]
+    top = logits[prompt_ids.shape[1] - 1 : prompt_ids.shape[1] - 1 + len(new)].topk(2, dim=-1)
+    assert top.indices[:, 0].tolist() == new
+    return (top.values[:, 0] - top.values[:, 1]).tolist()
 
 
 def decode(tokenizer, ids: list[int], eos: list[int]) -> str:
@@ -182,6 +203,141 @@ def test_the_context_is_prefilled_once(tokenizer):
     assert max(lengths[1:]) < prefix / 2
 
 
+QUESTIONS = [
+    QUESTION,
+    "Who smiled?",
+    "What did the queen say to the cat in the long dark hall while alice looked for the key?",
+    "Why?",
+    "Where is the small golden key?",
+    "Did the rabbit run past the door?",
+]
+
+
+def test_batched_answers_equal_one_by_one(tokenizer):
+    model = stopping_llama(tokenizer)
+    asker = Asker(model, tokenizer, conversation(), max_new_tokens=12)
+    one_by_one = [asker.ask(question) for question in QUESTIONS]
+    references = [greedy_reference(model, asker.prompt_ids(q), 12, asker.eos_token_ids) for q in QUESTIONS]
+    # the fixture is what the test needs: questions of different lengths, answers ending at different steps by an
+    # end-of-sequence token or at the limit, and clear greedy choices (rounding, ~1e-7, cannot flip a 1e-4 margin)
+    assert len({len(asker.prompt_ids(q)[0]) for q in QUESTIONS}) == len(QUESTIONS)
+    stops = [len(ids) for ids in references if ids[-1] in asker.eos_token_ids]
+    assert len(set(stops)) >= 2 and any(len(ids) == 12 and ids[-1] not in asker.eos_token_ids for ids in references)
+    margins = [greedy_margins(model, asker.prompt_ids(q), ids) for q, ids in zip(QUESTIONS, references, strict=True)]
+    assert min(min(m) for m in margins) > 1e-4
+
+    continuations = [asker.prompt_ids(q)[0, len(asker.prefix_ids) :] for q in QUESTIONS]
+    with asker._asking():
+        assert asker._generate_many(continuations, [12] * len(QUESTIONS), asker._prefilled()) == references
+    for batch_size in (1, 4, 16):  # one row, a full and a partial batch, all in one batch
+        answers = asker.ask_many(QUESTIONS, batch_size=batch_size)
+        assert [a.text for a in answers] == [a.text for a in one_by_one]
+        assert [(a.question, a.prompt_tokens, a.new_tokens) for a in answers] == [
+            (a.question, a.prompt_tokens, a.new_tokens) for a in one_by_one
+        ]
+        assert all(a.seconds > 0 for a in answers)
+    short = asker.ask_many(QUESTIONS, max_new_tokens=3, batch_size=4)
+    assert [a.new_tokens for a in short] == [min(3, len(ids)) for ids in references]
+    assert asker.ask_many([]) == []
+    # the kept prefix cache is left as it was: one row, the prefix's tokens
+    prefilled = asker._prefilled()
+    assert prefilled.get_seq_length() == len(asker.prefix_ids)
+    assert all(layer.keys.shape[0] == 1 for layer in prefilled.layers)
+
+
+def test_batched_gold_logprobs_equal_one_by_one(tokenizer):
+    asker = Asker(stopping_llama(tokenizer), tokenizer, conversation())
+    golds = [GOLD, "the cat", "never find the small golden key under the glass table", "Alice", "a key", "yes"]
+    pairs = list(zip(QUESTIONS, golds, strict=True))
+    expected = [asker.answer_logprob(question, gold) for question, gold in pairs]
+    assert len({count for _, count in expected}) >= 4
+    for batch_size in (1, 4, 8):
+        scored = asker.answer_logprobs(pairs, batch_size=batch_size)
+        assert [count for _, count in scored] == [count for _, count in expected]
+        assert [value for value, _ in scored] == pytest.approx([value for value, _ in expected], abs=1e-5)
+    assert asker.answer_logprobs([]) == []
+
+
+def test_batches_with_absolute_positions_adapters_and_generation_settings(plain_tokenizer):
+    tokenizer = plain_tokenizer
+    config = tf.GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=2048, initializer_range=0.2
+    )
+    torch.manual_seed(0)
+    gpt2 = tf.GPT2LMHeadModel(config).eval()  # learned absolute positions: a padded row must get its own
+    asker = Asker(gpt2, tokenizer, conversation(), max_new_tokens=8)
+    assert [a.text for a in asker.ask_many(QUESTIONS, batch_size=4)] == [asker.ask(q).text for q in QUESTIONS]
+    pairs = [(question, GOLD) for question in QUESTIONS]
+    expected = [asker.answer_logprob(question, gold)[0] for question, gold in pairs]
+    assert [value for value, _ in asker.answer_logprobs(pairs, batch_size=4)] == pytest.approx(expected, abs=1e-5)
+
+    model = get_peft_model(stopping_llama(tokenizer), LocasConfig(r=8))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".value"):
+                parameter.normal_(0, 0.5)
+    asker = Asker(model, tokenizer, conversation(120), max_new_tokens=8)
+    base = Asker(stopping_llama(tokenizer), tokenizer, conversation(120), max_new_tokens=8)
+    with_memory = [a.text for a in asker.ask_many(QUESTIONS, batch_size=3)]
+    assert with_memory == [asker.ask(q).text for q in QUESTIONS]
+    with model.disable_adapter():
+        assert [a.text for a in asker.ask_many(QUESTIONS, batch_size=3)] == [base.ask(q).text for q in QUESTIONS]
+    assert with_memory != [base.ask(q).text for q in QUESTIONS]
+
+    # a sliding-window layer would count the pads in its window: such a model is asked one question at a time
+    eos = tokenizer.eos_token_id
+    config = tf.MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=400,
+        initializer_range=0.2,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    torch.manual_seed(0)
+    mistral = tf.MistralForCausalLM(config).eval()
+    windowed = Asker(mistral, tokenizer, conversation(), max_new_tokens=4)
+    rows = []
+    hook = mistral.get_input_embeddings().register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    texts = [a.text for a in windowed.ask_many(QUESTIONS, batch_size=3)]
+    gold = [value for value, _ in windowed.answer_logprobs(pairs, batch_size=3)]
+    hook.remove()
+    assert max(rows) == 1 and texts == [windowed.ask(q).text for q in QUESTIONS]
+    assert gold == [windowed.answer_logprob(question, answer)[0] for question, answer in pairs]
+
+    # a generation setting that ``generate`` applies (here: a suppressed token) is honoured: one question at a time
+    rows = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    asker.ask_many(QUESTIONS, batch_size=3)
+    assert max(rows) == 3
+    model.generation_config.suppress_tokens = [tokenizer(with_memory[0])["input_ids"][0]]
+    rows.clear()
+    answers = [a.text for a in asker.ask_many(QUESTIONS, batch_size=3)]
+    hook.remove()
+    assert max(rows) == 1 and answers == [asker.ask(q).text for q in QUESTIONS] and answers != with_memory
+
+
+def test_reserved_cache_layer_equals_concatenation():
+    torch.manual_seed(0)
+    prefix = DynamicLayer()
+    prefix.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 3))
+    reserved, concatenated = _ReservedLayer(prefix, rows=3, room=4), copy.deepcopy(prefix)
+    concatenated.batch_repeat_interleave(3)
+    for rows, length in [(3, 3), (3, 1), (2, 1), (2, 4)]:  # the room runs out at the second step, then at the last
+        if rows < reserved.keys.shape[0]:
+            for layer in (reserved, concatenated):
+                layer.batch_select_indices(torch.tensor([2, 0]))
+        keys, values = torch.randn(rows, 2, length, 4), torch.randn(rows, 2, length, 3)
+        for mine, theirs in zip(reserved.update(keys, values), concatenated.update(keys, values), strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    assert reserved.get_seq_length() == concatenated.get_seq_length() == 14
+    assert prefix.keys.shape == (1, 2, 5, 4)  # the kept prefix is untouched
+
+
 @pytest.mark.parametrize("form", ["plain", "chat"])
 def test_chat_follow_up_sees_the_earlier_answer(form, plain_tokenizer, chat_tokenizer):
     tokenizer = plain_tokenizer if form == "plain" else chat_tokenizer
@@ -272,6 +428,20 @@ def test_errors_are_one_clear_line(plain_tokenizer):
             call("  ")
     with pytest.raises(ValueError, match=r"^Asker\.answer_logprob: the answer is empty; pass the gold answer text\.$"):
         asker.answer_logprob(QUESTION, " ")
+    with pytest.raises(ValueError, match=r"^Asker\.answer_logprobs: the answer is empty; pass the gold answer text\.$"):
+        asker.answer_logprobs([(QUESTION, GOLD), (QUESTION, "")])
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=rf"^Asker: `batch_size` must be a positive integer, got {bad!r}\.$"):
+            asker.ask_many([QUESTION], batch_size=bad)
+        with pytest.raises(ValueError, match=rf"^Asker: `batch_size` must be a positive integer, got {bad!r}\.$"):
+            asker.answer_logprobs([(QUESTION, GOLD)], batch_size=bad)
+    forwards = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: forwards.append(args))
+    with pytest.raises(ValueError, match=empty):  # every question is checked before any is answered
+        asker.ask_many([QUESTION, " "])
+    with pytest.raises(ValueError, match=r"^Asker: prompt and answer need \d+ positions but the model has 256; lower"):
+        asker.ask_many([QUESTION, "Who?"], max_new_tokens=250)
+    assert forwards == []
     with pytest.raises(ValueError, match=r"^Asker: `max_new_tokens` must be a positive integer, got 0\.$"):
         asker.ask(QUESTION, max_new_tokens=0)
     with pytest.raises(ValueError, match=r"^Asker: prompt and answer need \d+ positions but the model has 256; lower"):

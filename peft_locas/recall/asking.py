@@ -25,6 +25,13 @@ tokens in the plain form, as ``tokenizer(text)`` adds them; the chat template's 
 sees exactly the same token ids whether or not the cache is used. Decoding is greedy; answers stop at an end-of-sequence
 id (the tokenizer's and the generation config's) or after ``max_new_tokens``.
 
+Batches (`Asker.ask_many()`, `Asker.answer_logprobs()`): several questions share one prefill. The prefix cache is
+repeated along the batch dimension, each question's tokens are left-padded to the longest (the pads sit between the
+prefix and the question, masked out by the attention mask, and the position ids continue from the prefix without
+counting them), so every row computes what it computes alone (up to float rounding); a batch then decodes one token for
+all its rows per forward, matrix-matrix instead of matrix-vector products. Rows that reached an end-of-sequence id
+leave the batch.
+
 Adapters: the model may be a ``PeftModel`` (any active adapter), a merged model or a plain one. Inside
 ``with model.disable_adapter():`` the asker answers as the base model: prefix caches are kept per model state (device,
 dtype, the PEFT layers' active / disabled / merged adapters, and the parameters' in-place version counters), so a
@@ -46,6 +53,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 #: LoCoMo's QA instruction (``task_eval/gpt_utils.py``, ``QA_PROMPT``), for a context given in the prompt
@@ -60,6 +68,23 @@ MEMORY_INSTRUCTION = (
 )
 #: how many model states (e.g. adapter on, adapter disabled) keep a prefilled prefix cache at once
 _KEPT_PREFIX_CACHES = 2
+#: generation-config settings that make ``generate`` process the logits, with their values that do not: a model with
+#: another value is asked one question at a time (``generate`` applies them; the batched loop takes the plain argmax)
+_PROCESSOR_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "sequence_bias": (None,),
+    "guidance_scale": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "watermarking_config": (None,),
+    "stop_strings": (None,),
+}
 # stands for the question while the prompt is split into prefix and suffix; never part of a real prompt
 _SENTINEL = "\x00LOCAS-QUESTION\x00"
 
@@ -194,9 +219,57 @@ class Asker:
         """
         return self._ask((), _check_question(question), max_new_tokens)
 
-    def ask_many(self, questions: Sequence[str], *, max_new_tokens: int | None = None) -> list[Answer]:
-        """`ask()` each question in turn (independently, each from the same prefilled prefix)."""
-        return [self.ask(question, max_new_tokens=max_new_tokens) for question in questions]
+    def ask_many(
+        self, questions: Sequence[str], *, max_new_tokens: int | None = None, batch_size: int = 8
+    ) -> list[Answer]:
+        """The greedy answers to ``questions``, in their order, computed in batches of up to ``batch_size`` questions
+        that share the prefilled prefix (see the module's notes): each answer is `ask()`'s.
+
+        Equality with `ask()`: the same token ids, up to float rounding. A batched matrix product may round the last
+        bit differently from the one-row product `ask()` runs (CPU BLAS picks its kernel by the number of rows), so
+        logits differ by about 1e-7 (float32) and a greedy choice could only differ where two tokens' logits tie to
+        that precision. Models whose generation config asks for logits processors (``suppress_tokens``,
+        ``no_repeat_ngram_size``...), whose forward takes no ``position_ids``, or whose cache has sliding-window
+        layers (Mistral, Gemma 2/3) are asked one question at a time.
+
+        ``Answer.seconds`` is the batch's wall time shared equally by its questions (their sum is the total time).
+
+        Memory: each question of a batch holds its own copy of the prefix's KV cache, ``2 x layers x kv_heads x
+        head_dim x tokens`` values (4 bytes each in float32, with room for its question and answer); with the
+        prefix's kept cache, a batch needs ``batch_size + 1`` copies. SmolLM2-135M (30 layers, 3 KV heads of 64)
+        keeps 46 KB per token in float32, 0.38 GB for an 8K-token prefix: ``batch_size=8`` needs about 3.4 GB, 32
+        about 12.5 GB, so up to 32 fits a 24 GB machine beside the model; halve the batch for every doubling of the
+        context or of the model's KV width.
+
+        Raises:
+            ValueError: an empty question, a prompt plus answer longer than the model's positions, or a
+                ``batch_size`` that is not a positive integer (checked for every question before any is answered).
+        """
+        batch_size = _check_batch_size(batch_size)
+        questions = [_check_question(question) for question in questions]
+        continuations = [self._continuation_ids((), question) for question in questions]
+        limits = [self._limit(continuation, max_new_tokens) for continuation in continuations]
+        answers = []
+        with self._asking():
+            prefilled = self._prefilled()  # a first prefill is not the questions' time
+            if not self._can_batch(prefilled, greedy=True):
+                return [self._ask((), question, max_new_tokens) for question in questions]
+            for first in range(0, len(questions), batch_size):
+                batch = slice(first, first + batch_size)
+                start = time.perf_counter()
+                new_ids = self._generate_many(continuations[batch], limits[batch], prefilled)
+                seconds = (time.perf_counter() - start) / len(new_ids)
+                for question, continuation, ids in zip(questions[batch], continuations[batch], new_ids, strict=True):
+                    answers.append(
+                        Answer(
+                            question=question,
+                            text=self._decode(ids).strip(),
+                            prompt_tokens=len(self.prefix_ids) + len(continuation),
+                            new_tokens=len(ids),
+                            seconds=seconds,
+                        )
+                    )
+        return answers
 
     def stream(self, question: str, *, max_new_tokens: int | None = None) -> Iterator[str]:
         """The greedy answer's text in pieces, as they are decoded; their concatenation is `ask()`'s text unstripped.
@@ -231,6 +304,48 @@ class Asker:
         predicting = logits[len(continuation) - 1 : -1].float().log_softmax(-1)
         picked = predicting.gather(-1, answer_ids.to(predicting.device)[:, None])
         return picked.sum().item(), len(answer_ids)
+
+    def answer_logprobs(self, pairs: Sequence[tuple[str, str]], *, batch_size: int = 8) -> list[tuple[float, int]]:
+        """`answer_logprob()` of each ``(question, answer)`` pair, in their order, computed in batches of up to
+        ``batch_size`` pairs that share the prefilled prefix (left-padded as in `ask_many()`, whose memory rule of
+        thumb applies); equal to `answer_logprob()` up to float rounding (about 1e-6 in float32).
+
+        Raises:
+            ValueError: an empty question or answer, or a ``batch_size`` that is not a positive integer (checked for
+                every pair before any is scored).
+        """
+        batch_size = _check_batch_size(batch_size)
+        lead = "" if self.use_chat_template else " "
+        continuations, answers = [], []
+        for question, answer in pairs:
+            continuations.append(self._continuation_ids((), _check_question(question)))
+            if not answer.strip():
+                raise ValueError("Asker.answer_logprobs: the answer is empty; pass the gold answer text.")
+            answers.append(self._encode(lead + answer.strip()))
+        scores = []
+        with self._asking():
+            prefilled = self._prefilled()
+            if not self._can_batch(prefilled, greedy=False):
+                return [self.answer_logprob(question, answer) for question, answer in pairs]
+            for first in range(0, len(answers), batch_size):
+                batch = slice(first, first + batch_size)
+                sequences = [torch.cat(pair) for pair in zip(continuations[batch], answers[batch], strict=True)]
+                ids, mask, positions = self._left_padded(sequences)
+                keep = max(len(answer) for answer in answers[batch]) + 1
+                output = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **self._logits_to_keep(keep),
+                    **{self._cache_kwarg: self._repeated(prefilled, len(sequences), ids.shape[1])},
+                )
+                logits = output.logits[:, -keep:]  # rows end together: each answer's tokens are its last ones
+                for row, answer_ids in enumerate(answers[batch]):
+                    predicting = logits[row, keep - 1 - len(answer_ids) : keep - 1].float().log_softmax(-1)
+                    picked = predicting.gather(-1, answer_ids.to(predicting.device)[:, None])
+                    scores.append((picked.sum().item(), len(answer_ids)))
+        return scores
 
     def chat(self) -> Chat:
         """A multi-turn `Chat` over this asker's prefilled prefix."""
@@ -339,6 +454,81 @@ class Asker:
         )
         return output[0, ids.shape[1] :].cpu()
 
+    def _can_batch(self, prefilled: Any, greedy: bool) -> bool:
+        """Whether a batch computes what one question alone does: the model takes explicit positions; its prefix
+        cache has only plain dynamic layers (a sliding-window layer would count the pads in its window); and, for
+        ``greedy`` decoding, its generation config asks ``generate`` for no logits processor (the batched loop takes
+        the plain argmax)."""
+        layers = getattr(prefilled, "layers", None)
+        plain = bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+        config = getattr(self.model, "generation_config", None)
+        processors = any(getattr(config, name, None) not in neutral for name, neutral in _PROCESSOR_SETTINGS.items())
+        return plain and _accepts(self.model, "position_ids") and not (greedy and processors)
+
+    def _logits_to_keep(self, count: int) -> dict[str, int]:
+        return {"logits_to_keep": count} if _accepts(self.model, "logits_to_keep") else {}
+
+    def _repeated(self, prefilled: Any, rows: int, room: int) -> Any:
+        """A copy of the prefix cache (of plain dynamic layers) with ``rows`` rows, one per question of a batch, and
+        room for ``room`` more tokens (see `_ReservedLayer`)."""
+        cache = copy.copy(prefilled)
+        cache.layers = [_ReservedLayer(layer, rows, room) for layer in prefilled.layers]
+        return cache
+
+    def _left_padded(self, sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids ``(rows, longest)`` of ``sequences`` (each int64 ``(n,)``, to follow the prefix) padded on the
+        left, their attention mask ``(rows, prefix + longest)`` (zeros on the pads) and position ids ``(rows,
+        longest)`` continuing from the prefix without counting the pads: each row computes what it does alone."""
+        prefix, longest = len(self.prefix_ids), max(len(sequence) for sequence in sequences)
+        ids = torch.full((len(sequences), longest), self._pad_token_id, dtype=torch.long)
+        mask = torch.ones((len(sequences), prefix + longest), dtype=torch.long)
+        positions = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            pads = longest - len(sequence)
+            ids[row, pads:] = sequence
+            mask[row, prefix : prefix + pads] = 0
+            positions[row, pads:] = torch.arange(prefix, prefix + len(sequence))
+        device = self._device()
+        return ids.to(device), mask.to(device), positions.to(device)
+
+    def _generate_many(
+        self, continuations: Sequence[torch.Tensor], limits: Sequence[int], prefilled: Any
+    ) -> list[list[int]]:
+        """Greedy new token ids of each continuation (as `_generate()`: a stopping end-of-sequence id included),
+        decoded together from copies of the prefix cache ``prefilled``; call in `_asking()`."""
+        ids, mask, positions = self._left_padded(continuations)
+        cache = self._repeated(prefilled, len(continuations), ids.shape[1] + max(limits))
+        rows = list(range(len(continuations)))  # the question of each row still decoding
+        new_ids: list[list[int]] = [[] for _ in continuations]
+        while True:
+            output = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **self._logits_to_keep(1),
+                **{self._cache_kwarg: cache},
+            )
+            tokens = output.logits[:, -1].argmax(-1).tolist()
+            going = []
+            for index, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+                new_ids[row].append(token)
+                if token not in self.eos_token_ids and len(new_ids[row]) < limits[row]:
+                    going.append(index)
+            if not going:
+                break
+            cache = getattr(output, self._cache_kwarg)
+            if len(going) < len(rows):
+                # finished rows leave the batch: they would still cost attention over the whole prefix
+                kept = torch.tensor(going, device=mask.device)
+                cache.batch_select_indices(kept)
+                mask, positions = mask[kept], positions[kept]
+            rows = [rows[index] for index in going]
+            ids = torch.tensor([[tokens[index]] for index in going], dtype=torch.long, device=mask.device)
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            positions = positions[:, -1:] + 1
+        return new_ids
+
     def _decode(self, new_ids: Sequence[int]) -> str:
         ids = list(new_ids)
         if ids and ids[-1] in self.eos_token_ids:
@@ -438,6 +628,45 @@ class Chat:
         self.turns.clear()
 
 
+class _ReservedLayer(DynamicLayer):
+    """A `DynamicLayer` holding ``rows`` copies of another's (one-row) states, with room for ``room`` more tokens:
+    new tokens are written into the room instead of concatenated, as ``torch.cat`` copies the whole layer at every
+    step (most of a batched decoding step's time after a long prefix). ``keys`` and ``values`` view the filled part;
+    the room doubles if it runs out. Only what the batched loop uses is kept consistent: updates and row selection."""
+
+    def __init__(self, layer: DynamicLayer, rows: int, room: int) -> None:
+        super().__init__()
+        length = layer.keys.shape[-2]
+        self._keys = layer.keys.new_empty((rows, *layer.keys.shape[1:-2], length + room, layer.keys.shape[-1]))
+        self._values = layer.values.new_empty((rows, *layer.values.shape[1:-2], length + room, layer.values.shape[-1]))
+        self._keys[..., :length, :] = layer.keys  # the one prefix row, broadcast to every row
+        self._values[..., :length, :] = layer.values
+        self.device, self.is_initialized = layer.keys.device, True
+        self._filled(length)
+
+    def _filled(self, length: int) -> None:
+        self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self._keys.shape[-2]:
+            self._keys = torch.cat([self._keys, torch.empty_like(self._keys)], dim=-2)
+            self._values = torch.cat([self._values, torch.empty_like(self._values)], dim=-2)
+            return self.update(key_states, value_states)
+        self._keys[..., start:end, :] = key_states
+        self._values[..., start:end, :] = value_states
+        self._filled(end)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        length = self.keys.shape[-2]
+        self._keys, self._values = self._keys[indices], self._values[indices]
+        self._filled(length)
+
+
 class _TokenQueue(BaseStreamer, StoppingCriteria):
     """Hands generated token ids to the consuming thread, and stops generation once the consumer has gone."""
 
@@ -462,6 +691,12 @@ def _check_question(question: str) -> str:
     if not isinstance(question, str) or not question.strip():
         raise ValueError("Asker: the question is empty; pass a non-empty question.")
     return question.strip()
+
+
+def _check_batch_size(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Asker: `batch_size` must be a positive integer, got {value!r}.")
+    return value
 
 
 def _check_max_new_tokens(value: int) -> int:
