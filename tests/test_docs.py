@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import io
 import json
 import os
 import re
@@ -106,11 +107,8 @@ def test_shell_example_commands_run(docs_env, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "book.txt").write_text(sample_text(), encoding="utf-8")
-    script = (EXAMPLES / "memorize_book.sh").read_text(encoding="utf-8").replace("\\\n", " ")
-    commands = [shlex.split(line) for line in script.splitlines() if line.strip() and not line.startswith("#")]
-    assert all(argv[0] == "peft-locas" for argv in commands), commands
     ran = []
-    for _, command, *args in commands:
+    for _, command, *args in _shell_commands("memorize_book.sh"):
         if command == "assets":
             continue
         extra = ["--model", tiny_model_dir("llama")]
@@ -119,6 +117,67 @@ def test_shell_example_commands_run(docs_env, tmp_path, monkeypatch):
         assert cli.main([command, *args, *extra]) == 0, [command, *args]
         ran.append(command)
     assert {"memorize", "eval", "merge"} <= set(ran)
+
+
+def _shell_commands(name: str) -> list[list[str]]:
+    """The commands of a docs shell example (continuation lines joined, comments and blank lines dropped)."""
+    script = (EXAMPLES / name).read_text(encoding="utf-8").replace("\\\n", " ")
+    commands = [shlex.split(line) for line in script.splitlines() if line.strip() and not line.startswith("#")]
+    assert all(argv[0] == "peft-locas" for argv in commands), commands
+    return commands
+
+
+def _stand_in_dialogues(folder: Path) -> None:
+    """Invented stand-ins for the files docs/examples/ask_a_memory.sh reads: a LoCoMo-format ``locomo10.json`` of two
+    samples (conv-26 second, so that --sample must pick it), a turns JSONL conversation and a questions JSONL file."""
+    lines = ["I moved to Lyon last week for a job.", "What job took you to Lyon?", "I restore old looms at a museum."]
+    turns = [
+        {"speaker": ("Ann", "Bob")[k % 2], "dia_id": f"D1:{k + 1}", "text": f"{lines[k % 3]} ({k})"} for k in range(16)
+    ]
+    qa = [
+        {"question": "Where did Ann move?", "answer": "Lyon", "evidence": ["D1:1"], "category": 4},
+        {"question": "Where did Bob move?", "adversarial_answer": "Lyon", "evidence": ["D1:1"], "category": 5},
+    ]
+    samples = [
+        {"sample_id": sample, "conversation": {"speaker_a": "Ann", "speaker_b": "Bob", "session_1": turns}, "qa": qa}
+        for sample in ("conv-1", "conv-26")
+    ]
+    samples[1]["conversation"]["session_1_date_time"] = "1:56 pm on 8 May, 2023"
+    (folder / "locomo10.json").write_text(json.dumps(samples), encoding="utf-8")
+    jsonl = [{"speaker": t["speaker"], "text": t["text"]} for t in turns]
+    (folder / "dialogue.jsonl").write_text("".join(json.dumps(t) + "\n" for t in jsonl), encoding="utf-8")
+    (folder / "questions.jsonl").write_text(json.dumps({"question": "Who moved?", "answer": "Ann"}), encoding="utf-8")
+
+
+def test_ask_a_memory_shell_example_commands_run(docs_env, tmp_path, monkeypatch):
+    """Each command of docs/examples/ask_a_memory.sh, in this process, as written except for the model, small sizes
+    (later options override earlier ones) and invented stand-ins for the conversation files; ``chat`` reads one
+    question from stdin."""
+    from _tiny import tiny_model_dir
+
+    from peft_locas import cli
+
+    for key, value in docs_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    _stand_in_dialogues(tmp_path)
+    small = {
+        "memorize": ["--chunk-tokens", "128", "--context-tokens", "32", "--max-tokens", "256"],
+        "ask": ["--max-new-tokens", "4"],
+        "chat": ["--max-new-tokens", "4"],
+    }
+    ran = []
+    for _, command, *args in _shell_commands("ask_a_memory.sh"):
+        extra = ["--model", tiny_model_dir("llama"), *small[command]]
+        if "--objective" in args:
+            extra += ["--teacher-context-tokens", "256"]
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Where did Ann move?\n"))
+        assert cli.main([command, *args, *extra]) == 0, [command, *args]
+        ran.append(command)
+    assert {"memorize", "ask", "chat"} <= set(ran)
+    answers = [json.loads(line) for line in (tmp_path / "conv26-answers.jsonl").read_text().splitlines()]
+    assert [(a["gold"], a["category"]) for a in answers] == [("Lyon", 4), ("Lyon", 5)]
+    assert all(0 <= a["f1"] <= 1 and 1 <= a["new_tokens"] <= 4 for a in answers)
 
 
 def test_code_blocks_come_from_examples():

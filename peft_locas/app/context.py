@@ -79,10 +79,14 @@ def load_asker(args: argparse.Namespace):
     model, tokenizer, _ = load(folder, args)
     if args.adapter is not None:
         model = load_adapter(model, args.adapter)
+    # a context longer than the model takes keeps its end (cut at a line start), leaving room for question and answer
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    room = None if positions is None else max(positions - args.max_new_tokens - 256, 1)
     return Asker(
         model,
         tokenizer,
         context_text(args, tokenizer),
+        max_context_tokens=room,
         system_prompt=args.system,
         use_chat_template=False if args.no_chat_template else None,
         max_new_tokens=args.max_new_tokens,

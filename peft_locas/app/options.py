@@ -15,12 +15,20 @@ class UsageError(Exception):
     """A bad input; the message is the one line shown after ``error:``."""
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after each option's help, unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        return help_text if "default" in help_text else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one ``error:`` line (no usage block) with exit status 2, and every ``--help``
     shows the defaults."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:

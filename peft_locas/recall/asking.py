@@ -13,7 +13,7 @@ Prompt forms (the question text is stripped first):
 * without it, plain text: ``"{system_prompt}\\n\\n{context}\\n\\n{instruction}\\n\\nQuestion: {question}\\nAnswer:"``
   (absent parts and their blank lines left out). A gold answer then follows after one space, as a model writes it.
 
-The context's trailing whitespace is dropped (a rendered conversation ends with a newline).
+The context's trailing whitespace is dropped (e.g. a text file's final newline).
 
 The instruction follows LoCoMo's question-answering prompt (snap-research/LoCoMo, ``task_eval/gpt_utils.py``,
 ``QA_PROMPT``): `CONTEXT_INSTRUCTION` when a context is given; `MEMORY_INSTRUCTION`, the same request addressed to a

@@ -1,14 +1,16 @@
 """Conversations as memorisation input: LoCoMo samples or a turns JSONL file, rendered to one deterministic text.
 
 A conversation is a sequence of sessions, each a dated list of turns. `render_conversation` turns it into the exact
-text that is memorised *and* later shown or asked about (the same function for both, so the two never drift apart)::
+text that is memorised *and* later shown or asked about (the same function for both, so the two never drift apart):
 
-    [Session 1 - 1:56 pm on 8 May, 2023]
-    Caroline: Hey Mel! Good to see you! How have you been?
-    Melanie: Hey Caroline! I'm swamped with the kids & work. [shares a photo: a photo of a pottery bowl]
+```text
+[Session 1 - 1:56 pm on 8 May, 2023]
+Caroline: Hey Mel! Good to see you! How have you been?
+Melanie: Hey Caroline! I'm swamped with the kids & work. [shares a photo: a photo of a pottery bowl]
 
-    [Session 2]
-    Caroline: ...
+[Session 2]
+Caroline: ...
+```
 
 One header line per session (``[Session N - <date_time>]``, or ``[Session N]`` without a date; ASCII hyphen rather
 than an em dash so the header tokenises the same way in every vocabulary), one ``Speaker: text`` line per turn (a
@@ -26,12 +28,14 @@ Inputs (`load_conversation`):
   list of them. A sample has ``sample_id``, ``conversation`` (``speaker_a``, ``speaker_b``, ``session_N`` lists of
   turns ``{speaker, dia_id, text, optional blip_caption/img_url/query}``, ``session_N_date_time``) and ``qa``.
   Sessions are ordered by N numerically; other keys (``session_N_date_time``, summaries) are not sessions.
-- **Turns JSONL** (this package's form), one JSON object per line, in order; blank lines are skipped::
+- **Turns JSONL** (this package's form), one JSON object per line, in order; blank lines are skipped:
 
-      {"speaker": "Ann", "text": "I moved to Lyon last week.", "session": 1, "date_time": "8 May 2023, 1:56 pm"}
-      {"speaker": "Bob", "text": "How is it?", "id": "bob-1"}
-      {"speaker": "Ann", "text": "Rainy!", "session": 2, "date_time": "20 May 2023"}
-      {"speaker": "Bob", "text": "Look at this.", "caption": "a photo of a bike"}
+  ```text
+  {"speaker": "Ann", "text": "I moved to Lyon last week.", "session": 1, "date_time": "8 May 2023, 1:56 pm"}
+  {"speaker": "Bob", "text": "How is it?", "id": "bob-1"}
+  {"speaker": "Ann", "text": "Rainy!", "session": 2, "date_time": "20 May 2023"}
+  {"speaker": "Bob", "text": "Look at this.", "caption": "a photo of a bike"}
+  ```
 
   ``speaker`` and ``text`` are required (non-empty strings). ``session`` (a positive integer) defaults to the previous
   line's (1 on the first line) and may never go back. ``date_time`` is the session's date, given on any one or more
