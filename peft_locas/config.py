@@ -7,6 +7,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
+from . import _hook
 from .registration import LOCAS_PEFT_TYPE
 
 VARIANTS = ("auto", "glu", "mlp")
@@ -117,3 +118,7 @@ class LocasConfig(PeftConfig):
             raise ValueError(
                 "LocasConfig: `layers_pattern` only applies together with `layers_to_transform`; set both or neither."
             )
+
+
+# a root of the tuner's import closure, like peft_locas.model: finishes a registration the import hook had to postpone
+_hook.register_if_pending()

@@ -29,6 +29,7 @@ def test_importing_the_package_loads_neither_torch_nor_peft():
         "import peft; import peft_locas",  # PEFT first: registered at once
         "from peft_locas.memorization import memorize",  # a module that imports PEFT itself
         "import peft_locas.layer; import peft_locas.model",  # a tuner module first: registration waits for model
+        "from peft_locas.config import LocasConfig",  # the config first (what `peft-locas memorize` does)
         "from peft_locas import LocasConfig",  # a public name
     ],
 )

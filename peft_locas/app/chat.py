@@ -9,7 +9,12 @@ from .context import add_asking_options, load_asker
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("chat", help="an interactive chat with a memorised model (Ctrl-D to leave)")
+    parser = commands.add_parser(
+        "chat",
+        help="an interactive chat with a memorised model (Ctrl-D to leave)",
+        description="Talk with a memorised model: one message per line (typed, or piped in), each reply streamed as "
+        "it is generated and remembered for the follow-ups; Ctrl-D (end of input) leaves.",
+    )
     add_asking_options(parser)
     parser.set_defaults(run=run)
 

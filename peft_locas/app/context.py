@@ -42,7 +42,7 @@ def check_context(args: argparse.Namespace) -> None:
     if args.context_tokens is not None:
         _memorised_source(args.adapter)
     elif args.context is not None:
-        read_source(args.context, args.sample)
+        read_source(args.context, args.sample, flag="--context")
 
 
 def _memorised_source(adapter: Path):
@@ -58,7 +58,7 @@ def _memorised_source(adapter: Path):
 def context_text(args: argparse.Namespace, tokenizer) -> str | None:
     """The context as text: the file, or the memorised text's last ``--context-tokens`` tokens (decoded)."""
     if args.context is not None:
-        return read_source(args.context, args.sample).text
+        return read_source(args.context, args.sample, flag="--context").text
     if not args.context_tokens:
         return None
     source, max_tokens = _memorised_source(args.adapter)

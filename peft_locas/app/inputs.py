@@ -33,7 +33,7 @@ class Source:
         return {"text": self.label, "text_path": str(self.path.resolve()), "sample": self.sample}
 
 
-def read_source(spec: str, sample: str | None = None, encoding: str = "utf-8") -> Source:
+def read_source(spec: str, sample: str | None = None, encoding: str = "utf-8", flag: str = "--text") -> Source:
     """A text file, a prepared book named by its slug, or a conversation (``.json`` LoCoMo sample(s), ``.jsonl``)."""
     path = Path(spec).expanduser()
     if not path.exists() and spec in assets.ALL_BOOKS:
@@ -42,7 +42,7 @@ def read_source(spec: str, sample: str | None = None, encoding: str = "utf-8") -
             raise UsageError(f"book {spec!r} is not prepared: run `peft-locas assets` first")
         path = book
     if path.is_dir():
-        raise UsageError(f"--text {spec} is a folder: give a text file (or a book: {', '.join(assets.ALL_BOOKS)})")
+        raise UsageError(f"{flag} {spec} is a folder: give a text file (or a book: {', '.join(assets.ALL_BOOKS)})")
     if not path.is_file():
         raise UsageError(f"text file {spec} not found (give a file, or a book: {', '.join(assets.ALL_BOOKS)})")
     from ..recall.dialogue import is_conversation_file  # no torch: cheap

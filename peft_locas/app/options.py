@@ -20,7 +20,9 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        return help_text if "default" in help_text else super()._get_help_string(action)
+        if "default" in help_text or action.required:
+            return help_text
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

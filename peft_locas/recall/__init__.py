@@ -5,20 +5,29 @@
 - `peft_locas.recall.metrics`: LoCoMo's official token F1 and standard errors.
 """
 
-from .asking import Answer, Asker, Chat, fit_context
-from .dialogue import (
-    Conversation,
-    DialogueError,
-    Question,
-    Session,
-    Turn,
-    TurnSpan,
-    load_conversation,
-    read_questions,
-    render_conversation,
-    turn_spans,
-)
-from .metrics import CATEGORIES, locomo_f1, mean_with_stderr, token_f1
+import importlib
+from typing import Any
+
+# lazy, as the top-level package: the CLI reads conversations and questions (dialogue.py) without importing torch
+_EXPORTS = {
+    **dict.fromkeys(("Answer", "Asker", "Chat", "fit_context"), ".asking"),
+    **dict.fromkeys(
+        (
+            "Conversation",
+            "DialogueError",
+            "Question",
+            "Session",
+            "Turn",
+            "TurnSpan",
+            "load_conversation",
+            "read_questions",
+            "render_conversation",
+            "turn_spans",
+        ),
+        ".dialogue",
+    ),
+    **dict.fromkeys(("CATEGORIES", "locomo_f1", "mean_with_stderr", "token_f1"), ".metrics"),
+}
 
 __all__ = [
     "CATEGORIES",
@@ -40,3 +49,16 @@ __all__ = [
     "token_f1",
     "turn_spans",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

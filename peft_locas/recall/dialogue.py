@@ -221,7 +221,9 @@ def load_conversation(path: str | os.PathLike, sample: str | None = None) -> Con
     path = Path(path)
     if path.suffix.lower() == ".jsonl":
         if sample is not None:
-            raise DialogueError(f"{path}: a turns JSONL file holds one conversation; drop sample={sample!r}")
+            raise DialogueError(
+                f"{path}: a turns JSONL file holds one conversation; do not pick a sample (--sample {sample})"
+            )
         return _load_turns_jsonl(path)
     data = _read_json(path)
     sample_data = _pick_sample(path, data, sample)
@@ -254,7 +256,9 @@ def read_questions(path: str | os.PathLike, sample: str | None = None) -> list[Q
         sample_data = _pick_sample(path, _read_json(path), sample)
         return list(_locomo_questions(_where(path, sample_data), sample_data))
     if sample is not None:
-        raise DialogueError(f"{path}: a questions JSONL file holds one list of questions; drop sample={sample!r}")
+        raise DialogueError(
+            f"{path}: a questions JSONL file holds one list of questions; do not pick a sample (--sample {sample})"
+        )
     return [_question(f"{path}:{number}", item) for number, item in _jsonl_objects(path)]
 
 
