@@ -51,6 +51,10 @@ def test_benchmark_smallest_mode(tmp_path, script, extra, keys):
         losses = result["mean_next_chunk_loss"]
         assert set(losses) == {"top_k", "random_clone", "bottom_k", "activation_keys", "param_norm", "gaussian"}
         assert all(0 < loss < 10 for loss in losses.values())  # a random model over 256 tokens: about ln 256 = 5.5
+    elif script == "startup.py":
+        rows = {row["command"]: row for row in result["rows"]}
+        assert {"peft-locas --help", "import peft_locas", "python -c pass"} <= set(rows)
+        assert all(row["wall_s"] > 0 and row["vs_bare_python"] > 0 for row in rows.values())
     else:
         variants = [row["variant"] for row in result["inference"]]
         assert variants == ["base", "locas r=16", "locas r=64", "locas r=256", "locas r=64 merged", "lora r=64"]
