@@ -83,7 +83,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .memorization import MemorizeConfig, evaluate, memorize, templora_config
     from .model import LocasModel
     from .nlsvd import compress_locas_memory
-    from .recall import Asker, Conversation, load_conversation, render_conversation
+    from .recall.asking import Asker
+    from .recall.dialogue import Conversation, load_conversation, render_conversation
     from .registration import LOCAS_PEFT_TYPE, register_locas  # noqa: F401 (public, not in __all__)
     from .resize import grow_locas_memory
     from .results import MemorizeResult
