@@ -1,5 +1,6 @@
-"""Chunks of a long text as the memorisation engine reads them: token ids (of a text, token ids or a conversation),
-the fixed-size chunks of TempLoRA's protocol, and for conversations chunks that begin only where a turn begins."""
+"""Chunks of a long text as the memorisation engine reads them: token ids (of a text, token ids, a conversation or
+several documents), the fixed-size chunks of TempLoRA's protocol, and chunks that begin only where a unit (a
+conversation's turn, a document) begins."""
 
 from __future__ import annotations
 
@@ -70,36 +71,61 @@ def chunk_windows(
     return windows
 
 
-def text_and_boundaries(tokenizer: Any, conversation: Conversation) -> tuple[list[int], list[int]]:
-    """A conversation's token ids (``render_conversation``'s text, with the tokenizer's special tokens, exactly as
-    ``tokenizer(text)["input_ids"]``) and the token index where each rendered unit (session header or turn) starts.
+#: what separates documents memorised together (several files, a folder of files): a blank line
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+def documents_text(documents: Sequence[str | Conversation]) -> tuple[str, list[int]]:
+    """Documents memorised in order as one text: their texts (a conversation's ``render_conversation``) joined by
+    `DOCUMENT_SEPARATOR`, and the character offset where each unit starts (each document, and in a conversation each
+    session header and turn). Raises ``ValueError`` for an empty sequence."""
+    from .recall.dialogue import Conversation, render_conversation, turn_spans
+
+    if not documents:
+        raise ValueError("memorize: no document to memorise (an empty sequence)")
+    pieces, starts, offset = [], [], 0
+    for document in documents:
+        if isinstance(document, Conversation):
+            text = render_conversation(document)
+            starts += [offset + span.start for span in turn_spans(document)]
+        else:
+            text = document
+            starts.append(offset)
+        pieces.append(text)
+        offset += len(text) + len(DOCUMENT_SEPARATOR)
+    return DOCUMENT_SEPARATOR.join(pieces), sorted(set(starts))
+
+
+def text_and_boundaries(
+    tokenizer: Any, source: Conversation | Sequence[str | Conversation]
+) -> tuple[list[int], list[int]]:
+    """A conversation's (or several documents', `documents_text`) token ids, exactly as ``tokenizer(text)["input_ids"]``
+    of the rendered text with the tokenizer's special tokens, and the token index where each unit starts.
 
     A unit starts at the token holding its first character (a tokenizer's character offsets, one call). A slow
     tokenizer has no offsets: the units are then tokenized one by one (each with the separator after it) and
     concatenated, which can differ from tokenizing the whole text where a token would have spanned two units; a
     warning says so.
     """
-    from .recall.dialogue import render_conversation, turn_spans
-
-    text, spans = render_conversation(conversation), turn_spans(conversation)
+    text, char_starts = documents_text(source if isinstance(source, (list, tuple)) else [source])
     if getattr(tokenizer, "is_fast", False):
         encoding = tokenizer(text, return_offsets_mapping=True, verbose=False)
         ids, ends = encoding["input_ids"], [end for _, end in encoding["offset_mapping"]]
         starts, token = [], 0
-        for span in spans:  # in text order: one pass; special tokens (offsets (0, 0)) are never a unit's start
-            while token < len(ids) - 1 and ends[token] <= span.start:
+        for char in char_starts:  # in text order: one pass; special tokens (offsets (0, 0)) are never a unit's start
+            while token < len(ids) - 1 and ends[token] <= char:
                 token += 1
             starts.append(token)
         return ids, starts
     warnings.warn(
-        f"{type(tokenizer).__name__} gives no character offsets: the conversation is tokenized turn by turn, which "
-        "can differ from tokenizing its whole text; use a fast tokenizer for identical ids",
+        f"{type(tokenizer).__name__} gives no character offsets: the text is tokenized unit by unit (turns, "
+        "documents), which can differ from tokenizing it whole; use a fast tokenizer for identical ids",
         stacklevel=2,
     )
-    cuts = [span.start for span in spans[1:]] + [len(text)]
+    cuts = char_starts[1:] + [len(text)]
     pieces = [
-        tokenizer(text[span.start : cut], add_special_tokens=False)["input_ids"]
-        for span, cut in zip(spans, cuts, strict=True)
+        tokenizer(text[start:cut], add_special_tokens=False)["input_ids"]
+        for start, cut in zip(char_starts, cuts, strict=True)
     ]
     content = [token for piece in pieces for token in piece]
     ids = tokenizer.build_inputs_with_special_tokens(content)
@@ -124,14 +150,26 @@ def token_ids(
 
 
 def tokens_and_boundaries(tokenizer: Any, source: Any, max_tokens: int | None) -> tuple[list[int], list[int] | None]:
-    """Token ids cut to ``max_tokens``, and the unit starts for a conversation (``None`` for a text or ids)."""
+    """Token ids cut to ``max_tokens``, and the unit starts for a conversation or a sequence of documents (texts and
+    conversations, `documents_text`); ``None`` for one text or token ids."""
     from .recall.dialogue import Conversation
 
-    if not isinstance(source, Conversation):
+    documents = _is_documents(source)
+    if not documents and not isinstance(source, Conversation):
         return token_ids(tokenizer, source, max_tokens), None
     if tokenizer is None:
-        raise ValueError("memorize: pass a tokenizer to memorise a conversation")
+        raise ValueError(f"memorize: pass a tokenizer to memorise {'documents' if documents else 'a conversation'}")
     ids, starts = text_and_boundaries(tokenizer, source)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return ids, [start for start in starts if start < len(ids)]
+
+
+def _is_documents(source: Any) -> bool:
+    from .recall.dialogue import Conversation
+
+    return (
+        isinstance(source, (list, tuple))
+        and bool(source)
+        and all(isinstance(item, (str, Conversation)) for item in source)
+    )

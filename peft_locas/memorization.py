@@ -214,7 +214,7 @@ class MemorizeConfig:
 def memorize(
     model: torch.nn.Module,
     tokenizer: Any,
-    text_or_token_ids: str | Sequence[int] | torch.Tensor | Conversation,
+    text_or_token_ids: str | Sequence[int] | torch.Tensor | Conversation | Sequence[str | Conversation],
     config: MemorizeConfig | None = None,
     *,
     peft_config: PeftConfig | None = None,
@@ -228,7 +228,8 @@ def memorize(
         tokenizer: turns a text into token ids; unused (may be ``None``) when token ids are given.
         text_or_token_ids: the text, its token ids (a list or a 1-D / ``(1, n)`` tensor), or a
             `peft_locas.recall.dialogue.Conversation`: its rendered text, chunked at unit starts
-            (`text_and_boundaries`, `chunk_windows`).
+            (`text_and_boundaries`, `chunk_windows`), or several such documents (texts and conversations), memorised
+            in order as one text (`documents_text`: joined by a blank line, chunked at document and turn starts).
         config: the protocol's settings (default ``MemorizeConfig()``).
         peft_config: for a base model: a ``LocasConfig`` (default ``LocasConfig()``) or a ``LoraConfig`` (see
             `templora_config()`). The config object itself is not modified.
@@ -358,7 +359,7 @@ def memorize(
 def evaluate(
     model: torch.nn.Module,
     tokenizer: Any,
-    text_or_token_ids: str | Sequence[int] | torch.Tensor | Conversation,
+    text_or_token_ids: str | Sequence[int] | torch.Tensor | Conversation | Sequence[str | Conversation],
     *,
     chunk_tokens: int = 512,
     context_tokens: int = 256,

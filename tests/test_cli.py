@@ -100,7 +100,9 @@ def error_of(capsys, argv) -> tuple[int, str]:
     except SystemExit as exc:  # argparse
         status = exc.code
     err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if not line.startswith(("Loading weights", "Failed to load CPU"))]
+    # progress and memorize's plan line ("memorize: N tokens of ...", printed once the inputs passed) are not errors
+    progress = ("Loading weights", "Failed to load CPU", "memorize: ")
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(progress)]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return status, lines[0]
 
@@ -115,8 +117,8 @@ def test_bad_inputs_give_one_error_line(files, tmp_path, capsys, monkeypatch):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "something").write_text("x")
 
-    def memorize(*args: str) -> list[str]:
-        return ["memorize", "--model", main, "--text", text, "--out", out, *args]
+    def memorize(*args: str) -> list[str]:  # --text accumulates: the default text only where args give none
+        return ["memorize", "--model", main, *(() if "--text" in args else ("--text", text)), "--out", out, *args]
 
     cases = [
         (memorize("--width", "0"), 2, r"argument --r/--width: expected an integer >= 1, got '0'"),
@@ -132,7 +134,7 @@ def test_bad_inputs_give_one_error_line(files, tmp_path, capsys, monkeypatch):
         (memorize("--text", str(tmp_path / "short.txt")), 1, r"the text has \d+ tokens, fewer than one chunk of 512"),
         (memorize("--model", "some-org/some-model"), 1, r"model folder some-org/some-model not found"),
         (memorize("--out", str(tmp_path / "full")), 1, r"exists and is not empty: pass --overwrite"),
-        (memorize("--r", "500"), 1, r"r=500\) exceeds the MLP's intermediate size 128"),
+        (memorize("--r", "500"), 1, r"--r 500 exceeds the MLP's intermediate size 128 of .*: .* at most 128$"),
         (
             ["eval", "--model", str(files["wide"]), "--text", text, "--adapter", str(files["adapters"]["locas"])],
             1,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .inputs import adapter_config, model_dir, read_source
-from .options import int_at_least, model_options, token_limit
+from .inputs import adapter_config, model_dir, read_sources
+from .options import int_at_least, model_options, text_encoding, token_limit
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -14,8 +14,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     model_options(parser, default_help="the base the adapter recorded, else the prepared SmolLM2")
     parser.add_argument("--adapter", type=Path, default=None, help="adapter folder; compared with the bare model")
     parser.add_argument(
-        "--text", required=True, help="a UTF-8 text file, a prepared book (e.g. emma), or a conversation"
+        "--text",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="TEXT",
+        help="a text file, a folder of .txt/.md files, a prepared book (e.g. emma), or a conversation; several are "
+        "scored in order as one text",
     )
+    parser.add_argument("--encoding", type=text_encoding, default="utf-8", help="of the text files")
     parser.add_argument("--sample", default=None, help="the sample_id to take from a LoCoMo file (default: the first)")
     parser.add_argument("--chunk-tokens", type=int_at_least(2), default=512, help="tokens per chunk")
     parser.add_argument("--context-tokens", type=int_at_least(0), default=256, help="attention prefix per chunk")
@@ -24,7 +31,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    source = read_source(args.text, args.sample)
+    sources = read_sources(args.text, args.sample, args.encoding)
     if args.adapter is not None:
         adapter_config(args.adapter)
     folder = model_dir(args.model, args.adapter)
@@ -39,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(
         model,
         tokenizer,
-        source.memorized,
+        sources[0].memorized if len(sources) == 1 else [source.memorized for source in sources],
         chunk_tokens=args.chunk_tokens,
         context_tokens=args.context_tokens,
         max_tokens=args.max_tokens,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,10 @@ from .. import assets
 from .options import UsageError
 
 RESULTS_FILE = "memorize_results.json"
+#: the files of a folder given as ``--text``, memorised in name order
+TEXT_SUFFIXES = (".txt", ".md")
+#: bytes read at each end of a weights file for `base_fingerprint`
+_FINGERPRINT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,28 @@ class Source:
         return {"text": self.label, "text_path": str(self.path.resolve()), "sample": self.sample}
 
 
+def read_sources(
+    specs: list[str], sample: str | None = None, encoding: str = "utf-8", flag: str = "--text"
+) -> list[Source]:
+    """Every ``--text`` in order: a file or book (`read_source`), or a folder's ``.txt``/``.md`` files by name."""
+    paths: list[str] = []
+    for spec in specs:
+        folder = Path(spec).expanduser()
+        if folder.is_dir():
+            files = sorted(str(f) for f in folder.iterdir() if f.suffix.lower() in TEXT_SUFFIXES and f.is_file())
+            if not files:
+                raise UsageError(f"{flag} {spec} is a folder with no {' or '.join(TEXT_SUFFIXES)} file in it")
+            paths += files
+        else:
+            paths.append(spec)
+    if sample is not None and len(paths) > 1:
+        raise UsageError(f"--sample picks from one LoCoMo file; {flag} names {len(paths)} files")
+    return [read_source(path, sample, encoding, flag) for path in paths]
+
+
 def read_source(spec: str, sample: str | None = None, encoding: str = "utf-8", flag: str = "--text") -> Source:
-    """A text file, a prepared book named by its slug, or a conversation (``.json`` LoCoMo sample(s), ``.jsonl``)."""
+    """A text file (decoded with ``encoding``), a prepared book named by its slug, or a conversation (``.json``
+    LoCoMo sample(s), ``.jsonl``: UTF-8 as JSON requires)."""
     path = Path(spec).expanduser()
     if not path.exists() and spec in assets.ALL_BOOKS:
         book = assets.book_path(spec)
@@ -57,7 +83,11 @@ def read_source(spec: str, sample: str | None = None, encoding: str = "utf-8", f
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{path} is not a UTF-8 text file (undecodable byte at offset {exc.start})") from exc
+        name = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
+        raise UsageError(
+            f"{path} is not a {name} text file (undecodable byte at offset {exc.start}): give its encoding with "
+            "--encoding (e.g. --encoding latin-1)"
+        ) from exc
     if "\x00" in text:
         raise UsageError(f"{path} is not a text file (it contains NUL bytes)")
     return Source(text, path.stem, path)
@@ -75,7 +105,20 @@ def _read_conversation(path: Path, sample: str | None) -> Source:
 
 
 def model_dir(path: Path | None, adapter: Path | None = None) -> Path:
-    """``--model``; else the base the adapter recorded (when it is a local model folder); else the prepared SmolLM2."""
+    """``--model``; else the base the adapter recorded (when it is a local model folder); else the prepared SmolLM2.
+    With an adapter whose results recorded its base's `base_fingerprint`, a base with other weights is refused."""
+    folder = _model_dir(path, adapter)
+    recorded = (memorize_record(adapter) or {}).get("base_fingerprint") if adapter is not None else None
+    if recorded is not None and base_fingerprint(folder) != recorded:
+        made_on = (memorize_record(adapter) or {}).get("model", "another model")
+        raise UsageError(
+            f"adapter {adapter} was made on another base model ({made_on}): the weights in {folder} differ from those "
+            "it recorded; pass the base it was made on with --model"
+        )
+    return folder
+
+
+def _model_dir(path: Path | None, adapter: Path | None) -> Path:
     if path is None and adapter is not None:
         recorded = recorded_base(adapter)
         if recorded is not None:
@@ -91,6 +134,26 @@ def model_dir(path: Path | None, adapter: Path | None = None) -> Path:
             "downloaded; `peft-locas assets` prepares the default one"
         )
     return path
+
+
+def base_fingerprint(folder: Path) -> str | None:
+    """A cheap identity of a model folder's weights: SHA-256 over each ``*.safetensors`` file's name, size and first
+    and last MiB (the header naming every tensor's dtype, shape and offset, and weight bytes at both ends), so two
+    bases of the same shape (a base model and its fine-tune) differ, while copies and quantized loads of one folder
+    agree. ``None`` for a folder without safetensors files."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(_FINGERPRINT_BYTES))
+            if size > 2 * _FINGERPRINT_BYTES:
+                handle.seek(size - _FINGERPRINT_BYTES)
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
 
 
 def recorded_base(adapter: Path) -> Path | None:

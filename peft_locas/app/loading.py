@@ -30,7 +30,8 @@ def load(model_dir: Path, args: argparse.Namespace) -> tuple[Any, Any, Ranks]:
     ranks = start_distributed(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": args.dtype}
+    # safetensors only: a pickled pytorch_model.bin could run code
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": args.dtype, "use_safetensors": True}
     if args.load_in_4bit or args.load_in_8bit:
         compute = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)
         quantization = (
@@ -40,13 +41,21 @@ def load(model_dir: Path, args: argparse.Namespace) -> tuple[Any, Any, Ranks]:
         )
         kwargs.update(quantization_config=BitsAndBytesConfig(**quantization), device_map={"": device})
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = load_tokenizer(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise UsageError(f"cannot load a causal language model from {model_dir}: {one_line(exc)}") from exc
     if "device_map" not in kwargs:
         model.to(device)
     return model.eval(), tokenizer, ranks
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model folder's tokenizer (cheap: read before the model loads, to check inputs against it)."""
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise UsageError(f"cannot load a tokenizer from {model_dir}: {one_line(exc)}") from exc
 
 
 def load_adapter(model: Any, adapter: Path, **kwargs: Any) -> Any:

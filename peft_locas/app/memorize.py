@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
-from .inputs import RESULTS_FILE, check_out, model_dir, read_source
-from .options import int_at_least, model_options, positive_float, positive_int, token_limit
+from .inputs import RESULTS_FILE, Source, adapter_config, base_fingerprint, check_out, model_dir, read_sources
+from .options import (
+    UsageError,
+    int_at_least,
+    model_options,
+    positive_float,
+    positive_int,
+    text_encoding,
+    token_limit,
+)
+from .output import atomic_folder, check_writable, no_space
 
 PLOT_FILE = "memorize_losses.png"
 # MemorizeConfig's choices, kept here so that --help needs no torch (a test checks they agree)
@@ -19,29 +30,42 @@ OBJECTIVES = ("ntp", "distill")
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("memorize", help="memorise a text into a Locas memory (score, then train)")
-    model_options(parser)
+    model_options(parser, default_help="the prepared SmolLM2; with --adapter, the base it recorded")
     parser.add_argument(
         "--text",
         required=True,
-        help="a UTF-8 text file, a prepared book (e.g. emma), or a conversation: LoCoMo .json or our .jsonl",
+        nargs="+",
+        action="extend",
+        metavar="TEXT",
+        help="a text file, a folder of .txt/.md files, a prepared book (e.g. emma), or a conversation (LoCoMo .json "
+        "or our .jsonl); several are memorised in order into one memory",
     )
+    parser.add_argument("--encoding", type=text_encoding, default="utf-8", help="of the text files")
     parser.add_argument("--sample", default=None, help="the sample_id to take from a LoCoMo file (default: the first)")
     parser.add_argument("--out", required=True, type=Path, help="adapter folder to write (with results and plot)")
-    parser.add_argument("--adapter-type", choices=("locas", "lora"), default="locas", help="lora: TempLoRA baseline")
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        default=None,
+        help="continue this memory (from memorize) on the text, instead of a new one",
+    )
+    parser.add_argument(
+        "--adapter-type", choices=("locas", "lora"), default=None, help="lora: TempLoRA baseline (default: locas)"
+    )
     parser.add_argument(
         "--r",
         "--width",
         dest="r",
         type=positive_int,
-        default=64,
-        help="memory width (LoRA rank for lora); spell it --width under torchrun or accelerate launch, whose own "
-        "parsers take --r for an abbreviation of their options",
+        default=None,
+        help="memory width (LoRA rank for lora), default 64; spell it --width under torchrun or accelerate launch, "
+        "whose own parsers take --r for an abbreviation of their options",
     )
     parser.add_argument("--chunk-tokens", type=int_at_least(2), default=512, help="tokens per chunk")
     parser.add_argument("--context-tokens", type=int_at_least(0), default=256, help="attention prefix per chunk")
     parser.add_argument("--steps-per-chunk", type=int_at_least(0), default=2, help="training steps after scoring")
     parser.add_argument("--lr", type=positive_float, default=None, help="default: 4e-3 (Locas), 5e-5 (LoRA)")
-    parser.add_argument("--init", choices=INIT_METHODS, default="top_k", help="Locas initialisation method")
+    parser.add_argument("--init", choices=INIT_METHODS, default=None, help="Locas initialisation (default: top_k)")
     parser.add_argument(
         "--objective",
         choices=OBJECTIVES,
@@ -62,7 +86,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-tokens", type=token_limit, default=None, help="memorise the first N tokens, or all")
     parser.add_argument("--seed", type=int_at_least(0), default=0, help="seeds the adapter's creation and training")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None, help="save here, and resume from here")
+    parser.add_argument(
+        "--checkpoint-dir", type=Path, default=None, help="save here, and resume from here (default: OUT.checkpoint)"
+    )
+    parser.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint (a crash loses the run)")
     parser.add_argument("--checkpoint-every", type=positive_int, default=1, help="chunks between checkpoints")
     parser.add_argument("--compare-baseline", action="store_true", help="also score each chunk without memory")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
@@ -71,20 +98,36 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_out(args.out, args.overwrite)
-    source = read_source(args.text, args.sample)
-    folder = model_dir(args.model)
+    check_writable(args.out)
+    sources = read_sources(args.text, args.sample, args.encoding)
+    continued = _continued(args)
+    folder = model_dir(args.model, args.adapter)
+    default_checkpoints = args.checkpoint_dir is None and not args.no_checkpoint
+    if args.no_checkpoint and args.checkpoint_dir is not None:
+        raise UsageError("--no-checkpoint and --checkpoint-dir contradict each other: give one")
+    if default_checkpoints:
+        args.checkpoint_dir = args.out.with_name(f"{args.out.name}.checkpoint")
+    if args.checkpoint_dir is not None:
+        check_writable(args.checkpoint_dir, "--checkpoint-dir")
+    memorized = sources[0].memorized if len(sources) == 1 else [source.memorized for source in sources]
+    label = args.text[0] if len(args.text) == 1 and Path(args.text[0]).is_dir() else "+".join(s.label for s in sources)
 
     from ..config import LocasConfig
     from ..memorization import MemorizeConfig, memorize, templora_config
     from ..plotting import plot_losses
-    from .loading import load
+    from .loading import load, load_adapter, load_tokenizer
+    from .run_log import CHUNK_LOG, RunLog, plan_line
 
+    if continued is None:
+        _check_width(folder, args.r or 64, args.adapter_type or "locas")
+    num_tokens, num_chunks = _plan(load_tokenizer(folder), memorized, args)
+    print(plan_line(label, num_tokens, num_chunks, args, args.checkpoint_dir), file=sys.stderr)
     config = MemorizeConfig(
         chunk_tokens=args.chunk_tokens,
         context_tokens=args.context_tokens,
         steps_per_chunk=args.steps_per_chunk,
         lr=args.lr,
-        init=args.init,
+        init=None if continued else args.init or "top_k",
         objective=args.objective,
         teacher_context_tokens=args.teacher_context_tokens,
         self_study_questions=args.self_study_questions,
@@ -96,26 +139,95 @@ def run(args: argparse.Namespace) -> int:
         show_progress=True,
     )
     model, tokenizer, ranks = load(folder, args)
-    peft_config = LocasConfig(r=args.r) if args.adapter_type == "locas" else templora_config(args.r)
-    result = memorize(model, tokenizer, source.memorized, config, peft_config=peft_config)
+    if continued is not None:
+        model, peft_config = load_adapter(model, args.adapter, is_trainable=True), None
+        adapter_type, r = continued
+    else:
+        adapter_type, r = args.adapter_type or "locas", args.r or 64
+        peft_config = LocasConfig(r=r) if adapter_type == "locas" else templora_config(r)
+    log = RunLog(args.checkpoint_dir, num_chunks, ranks.is_main)
+    try:
+        result = memorize(model, tokenizer, memorized, config, peft_config=peft_config, callback=log)
+    except OSError as exc:
+        full = no_space(exc, args.checkpoint_dir, "--checkpoint-dir", "the last complete checkpoint is kept")
+        if full is None:
+            raise
+        raise full from exc
     if not ranks.is_main:
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    result.model.save_pretrained(args.out)
     record: dict[str, Any] = {
         "model": str(folder),
-        **source.record(),
-        "adapter_type": args.adapter_type,
-        "r": args.r,
-        "settings": config.protocol(args.adapter_type),
+        "base_fingerprint": base_fingerprint(folder),
+        **_sources_record(sources, label),
+        "adapter_type": adapter_type,
+        "r": r,
+        "continued_from": None if continued is None else str(args.adapter.resolve()),
+        "settings": config.protocol(adapter_type),
         "world_size": ranks.size,
         "result": result.to_dict(),
     }
-    (args.out / RESULTS_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    plot_losses(result, args.out / PLOT_FILE, title=f"{source.label}: loss of each chunk before training on it")
+    needed = sum(p.numel() * p.element_size() for p in result.model.parameters() if p.requires_grad) + 2**20
+    with atomic_folder(args.out, needed) as partial:
+        result.model.save_pretrained(partial)
+        (partial / RESULTS_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        plot_losses(result, partial / PLOT_FILE, title=f"{label}: loss of each chunk before training on it")
+        if args.checkpoint_dir is not None and (args.checkpoint_dir / CHUNK_LOG).is_file():
+            shutil.copyfile(args.checkpoint_dir / CHUNK_LOG, partial / CHUNK_LOG)
+    if default_checkpoints:  # the adapter folder now holds everything; the checkpoints only served a crash
+        shutil.rmtree(args.checkpoint_dir, ignore_errors=True)
     print(summary_table(result))
     print(f"adapter, results and plot: {args.out}")
     return 0
+
+
+def _continued(args: argparse.Namespace) -> tuple[str, int] | None:
+    """With ``--adapter``: the memory's type and width (the options that would describe a new one are refused)."""
+    if args.adapter is None:
+        return None
+    options = (("--adapter-type", args.adapter_type), ("--r", args.r), ("--init", args.init))
+    given = [flag for flag, value in options if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} describe a new memory; --adapter continues {args.adapter} as it is")
+    config = adapter_config(args.adapter)
+    kind = type(config).__name__
+    if kind not in ("LocasConfig", "LoraConfig"):
+        raise UsageError(f"--adapter {args.adapter} is a {kind}; memorize continues Locas or LoRA adapters")
+    return ("locas", config.r) if kind == "LocasConfig" else ("lora", config.r)
+
+
+def _check_width(folder: Path, r: int, adapter_type: str) -> None:
+    """A Locas memory starts as a copy of ``r`` of the MLP's units: refuse a wider one before the model loads."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the model load reports it
+    config = config.get("text_config") or config
+    width = config.get("intermediate_size") or config.get("n_inner") or 4 * config.get("n_embd", 0) or None
+    if adapter_type == "locas" and isinstance(width, int) and r > width:
+        raise UsageError(
+            f"--r {r} exceeds the MLP's intermediate size {width} of {folder}: a Locas memory starts as a copy of r of "
+            f"its units, so --r must be at most {width}"
+        )
+
+
+def _plan(tokenizer: Any, memorized: Any, args: argparse.Namespace) -> tuple[int, int]:
+    """The token and chunk counts, so that a text too short for one chunk is refused before the model loads."""
+    from ..chunking import chunk_windows, tokens_and_boundaries
+
+    ids, starts = tokens_and_boundaries(tokenizer, memorized, args.max_tokens)
+    if len(ids) < args.chunk_tokens:
+        raise UsageError(
+            f"the text has {len(ids)} tokens, fewer than one chunk of {args.chunk_tokens}: lower --chunk-tokens "
+            f"(at most {len(ids)}) or give a longer text"
+        )
+    return len(ids), len(chunk_windows(len(ids), args.chunk_tokens, args.context_tokens, starts))
+
+
+def _sources_record(sources: list[Source], label: str) -> dict[str, Any]:
+    """How results name what was memorised; `ask --context-tokens` reads the same texts again from ``texts``."""
+    texts = [source.record() for source in sources]
+    single = texts[0] if len(texts) == 1 else {"text_path": None, "sample": None}
+    return {**single, "text": label, "texts": texts}
 
 
 def summary_table(result: Any, with_label: str = "with memory", measure: str = "prequential perplexity") -> str:

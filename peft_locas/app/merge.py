@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .inputs import adapter_config, check_out, model_dir
 from .options import UsageError, model_options
+from .output import atomic_folder, check_writable
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -24,6 +25,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_out(args.out, args.overwrite)
+    check_writable(args.out)
     config = adapter_config(args.adapter)
     folder = model_dir(args.model, args.adapter)
 
@@ -45,12 +47,19 @@ def run(args: argparse.Namespace) -> int:
     merged = peft_model.merge_and_unload(**kwargs)
     if not ranks.is_main:
         return 0
-    merged.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    with atomic_folder(args.out, _weights_bytes(merged)) as partial:
+        merged.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     new_width = getattr(merged.config.get_text_config(), "intermediate_size", None)
     grown = f" (MLP intermediate size {width} -> {new_width})" if width != new_width else ""
     print(f"merged checkpoint{grown}: {args.out}")
     return 0
+
+
+def _weights_bytes(model) -> int:
+    """The bytes ``save_pretrained`` writes for the weights (tied tensors once), plus 16 MB for tokenizer files."""
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(tensors.values()) + 16 * 10**6
 
 
 def _quantized(folder: Path) -> bool:

@@ -84,6 +84,16 @@ def token_limit(text: str) -> int | None:
     return int(text)
 
 
+def text_encoding(text: str) -> str:
+    """``--encoding``: a codec Python knows (``utf-8``, ``latin-1``, ``cp1252``, ...)."""
+    import codecs
+
+    try:
+        return codecs.lookup(text).name
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown encoding {text!r} (e.g. utf-8, latin-1, cp1252)") from None
+
+
 def one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
