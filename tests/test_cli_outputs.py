@@ -212,3 +212,44 @@ def test_continue_a_memory_and_refuse_another_base(files, tmp_path, capsys):
             f"error: adapter {first} was made on another base model ({files['main']}): the weights in "
             f"{files['other']} differ from those it recorded; pass the base it was made on with --model"
         )
+
+
+def test_distill_options_reach_the_run(files, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_locas import LocasConfig, MemorizeConfig, memorize
+
+    distill = [
+        "--objective",
+        "distill",
+        "--teacher-context-tokens",
+        "128",
+        "--distill-top-k",
+        "8",
+        "--ntp-weight",
+        "0.5",
+    ]
+    argv = ["memorize", "--model", str(files["main"]), "--text", str(files["text"]), *RUN, *R, "--max-tokens", "256"]
+    assert cli.main([*argv, *distill, "--no-checkpoint", "--out", str(tmp_path / "a")]) == 0
+    settings = json.loads((tmp_path / "a" / "memorize_results.json").read_text())["settings"]
+    assert (settings["objective"], settings["distill_top_k"], settings["ntp_weight"]) == ("distill", 8, 0.5)
+    config = MemorizeConfig(
+        chunk_tokens=64,
+        context_tokens=16,
+        steps_per_chunk=1,
+        lr=1e-2,
+        max_tokens=256,
+        objective="distill",
+        teacher_context_tokens=128,
+        distill_top_k=8,
+        ntp_weight=0.5,
+    )
+    model = AutoModelForCausalLM.from_pretrained(files["main"])
+    result = memorize(
+        model,
+        AutoTokenizer.from_pretrained(files["main"]),
+        files["text"].read_text(),
+        config,
+        peft_config=LocasConfig(r=8),
+    )
+    assert losses(tmp_path / "a") == pytest.approx(result.losses, rel=1e-6)

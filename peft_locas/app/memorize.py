@@ -15,10 +15,12 @@ from .options import (
     UsageError,
     int_at_least,
     model_options,
+    non_negative_float,
     positive_float,
     positive_int,
     text_encoding,
     token_limit,
+    top_k,
 )
 from .output import atomic_folder, check_writable, no_space
 
@@ -47,7 +49,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--adapter",
         type=Path,
         default=None,
-        help="continue this memory (from memorize) on the text, instead of a new one",
+        help="continue this memory (from memorize) on the text (default: a new memory)",
     )
     parser.add_argument(
         "--adapter-type", choices=("locas", "lora"), default=None, help="lora: TempLoRA baseline (default: locas)"
@@ -77,6 +79,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=None,
         help="distill: tokens the teacher reads (default: as many as the model takes)",
+    )
+    parser.add_argument(
+        "--distill-top-k",
+        type=top_k,
+        default=64,
+        help="distill and self-study: the teacher's most probable tokens kept per position, or all",
+    )
+    parser.add_argument(
+        "--ntp-weight", type=non_negative_float, default=0.0, help="distill: weight of the next-token loss added"
+    )
+    parser.add_argument(
+        "--self-study-steps",
+        type=int_at_least(0),
+        default=None,
+        help="optimiser steps per chunk on its self-study questions (default: --steps-per-chunk)",
     )
     parser.add_argument(
         "--self-study-questions",
@@ -130,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
         init=None if continued else args.init or "top_k",
         objective=args.objective,
         teacher_context_tokens=args.teacher_context_tokens,
+        distill_top_k=args.distill_top_k,
+        ntp_weight=args.ntp_weight,
         self_study_questions=args.self_study_questions,
+        self_study_steps=args.self_study_steps,
         max_tokens=args.max_tokens,
         compare_baseline=args.compare_baseline,
         seed=args.seed,

@@ -76,6 +76,21 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def top_k(text: str) -> int | None:
+    """A positive count, or ``all`` (``None``: no cut)."""
+    return token_limit(text)
+
+
 def token_limit(text: str) -> int | None:
     if text == "all":
         return None
