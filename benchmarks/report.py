@@ -1,16 +1,21 @@
 """Render the committed benchmark results as the Markdown tables of the docs' results page.
 
-Every number on ``docs/benchmarks.md`` comes from ``benchmarks/results/*.json`` through this script (the page includes
-the files it writes), and ``tests/test_benchmarks.py`` checks that the committed tables match the committed results.
-Targets of the benchmark issue are evaluated here too, so "met" or "missed" is computed, never typed.
+Every number on ``docs/benchmarks.md`` comes from ``benchmarks/results/*.json`` through this script: it writes one
+Markdown file per table into ``docs/benchmark-results/``, then copies each into the page between the marker comments
+``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` (invisible on GitHub and on the site), so the page carries its tables
+inline and reads the same on GitHub as on the site. ``tests/test_benchmarks.py`` checks that the committed files match
+the committed results, ``tests/test_docs.py`` that the page holds them. Targets of the benchmark issue are evaluated
+here too, so "met" or "missed" is computed, never typed.
 
     python benchmarks/report.py [--results benchmarks/results] [--out docs/benchmark-results]
+                                [--page docs/benchmarks.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -399,7 +404,7 @@ def render(results_dir: Path, out: Path) -> list[Path]:
 
 def locomo_section(results_dir: Path, out: Path) -> list[Path]:
     """``locomo.md`` (and the plot it shows) from the full LoCoMo result, else the quick one; without either, a
-    line saying so (the page includes the file either way)."""
+    line saying so (the page shows it either way)."""
     locomo = locomo_file(results_dir)
     if locomo is None:
         (out / "locomo.md").write_text(
@@ -421,13 +426,50 @@ def locomo_section(results_dir: Path, out: Path) -> list[Path]:
     return written
 
 
+#: one marked section of the results page: ``<!-- NAME:start -->``, anything, ``<!-- NAME:end -->``, each on its line
+SECTION = re.compile(r"^(?P<start><!-- (?P<name>[\w-]+):start -->\n).*?^(?P<end><!-- (?P=name):end -->)$", re.M | re.S)
+
+
+def fill_page(page: str, tables: Path) -> str:
+    """``page`` (the results page's Markdown) with every marked section replaced by the rendered table of its name.
+
+    The text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` becomes ``tables/NAME.md`` (as `render` wrote
+    it), set off by blank lines so that it renders as Markdown on GitHub and on the site alike. Filling a filled page
+    changes nothing.
+
+    Raises:
+        ValueError: a section names a table that ``tables`` lacks, or a table in ``tables`` has no section.
+    """
+    filled = set()
+
+    def replace(match: re.Match) -> str:
+        path = tables / f"{match['name']}.md"
+        if not path.is_file():
+            raise ValueError(
+                f"the results page's section {match['name']!r} has no rendered table {path}: "
+                f"rerun the benchmark whose result it shows, then `python benchmarks/report.py`"
+            )
+        filled.add(match["name"])
+        return f"{match['start']}\n{path.read_text()}\n{match['end']}"
+
+    page = SECTION.sub(replace, page)
+    missing = sorted({path.stem for path in tables.glob("*.md")} - filled)
+    if missing:
+        markers = ", ".join(f"<!-- {name}:start --> / <!-- {name}:end -->" for name in missing)
+        raise ValueError(f"the results page has no section for {missing}: add the lines {markers} where they belong")
+    return page
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--out", type=Path, default=DOCS / "benchmark-results")
+    parser.add_argument("--page", type=Path, default=DOCS / "benchmarks.md", help="the page that shows the tables")
     args = parser.parse_args(argv)
     for path in render(args.results, args.out):
         print(f"wrote {path}")
+    args.page.write_text(fill_page(args.page.read_text(encoding="utf-8"), args.out), encoding="utf-8")
+    print(f"wrote {args.page}")
     return 0
 
 
