@@ -15,7 +15,18 @@ from tiny_checkpoint import sample_text, tiny_tokenizer
 from transformers.cache_utils import DynamicLayer
 
 from peft_locas import LocasConfig
-from peft_locas.recall.asking import CONTEXT_INSTRUCTION, MEMORY_INSTRUCTION, Asker, _ReservedLayer, fit_context
+from peft_locas.recall.asking import (
+    CONTEXT_INSTRUCTION,
+    MEMORY_INSTRUCTION,
+    Asker,
+    PrefixCache,
+    _ReservedLayer,
+    accepts_argument,
+    cache_argument,
+    end_of_sequence_ids,
+    fit_context,
+    max_positions,
+)
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -319,6 +330,115 @@ def test_batches_with_absolute_positions_adapters_and_generation_settings(plain_
     answers = [a.text for a in asker.ask_many(QUESTIONS, batch_size=3)]
     hook.remove()
     assert max(rows) == 1 and answers == [asker.ask(q).text for q in QUESTIONS] and answers != with_memory
+
+
+def test_continuations_through_the_public_api(tokenizer):
+    """`Asker.continuation_ids` are the prompt's ids after the prefix; `Asker.continue_from` decodes after them as
+    greedy decoding by full forwards does, with the logits that chose each token, or with the caller's choice of
+    tokens and stop; it stops short at the model's last position instead of failing."""
+    model = stopping_llama(tokenizer)
+    asker = Asker(model, tokenizer, conversation(120), max_new_tokens=12)
+    prompt_ids = asker.prompt_ids(QUESTION)
+    continuation = asker.continuation_ids(QUESTION)
+    assert continuation.dtype == torch.long and continuation.shape == (prompt_ids.shape[1] - len(asker.prefix_ids),)
+    assert torch.equal(torch.cat([asker.prefix_ids, continuation]), prompt_ids[0])
+
+    reference = greedy_reference(model, prompt_ids, 12, asker.eos_token_ids)
+    ids, logits = asker.continue_from(continuation)
+    assert ids == reference and asker.ask(QUESTION).text == decode(tokenizer, ids, asker.eos_token_ids).strip()
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([prompt_ids, torch.tensor([ids])], dim=1), use_cache=False).logits[0]
+    start = prompt_ids.shape[1] - 1
+    assert logits.shape == (len(ids), len(tokenizer))
+    torch.testing.assert_close(logits, full[start : start + len(ids)], atol=1e-4, rtol=0)
+
+    # the caller's tokens (here always 270) and stop (after three): the logits are those over that continuation
+    forced = asker.continue_from(continuation, pick=lambda row: 270, stop=lambda new: len(new) == 3)
+    assert forced.ids == [270, 270, 270]
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([prompt_ids, torch.tensor([forced.ids])], dim=1), use_cache=False).logits[0]
+    torch.testing.assert_close(forced.logits, full[start : start + 3], atol=1e-4, rtol=0)
+    assert asker.continue_from(continuation, max_new_tokens=2).ids == reference[:2]
+
+    # near the model's last position: shorter, then nothing (ask() refuses the same prompt)
+    tight = Asker(llama(tokenizer, positions=prompt_ids.shape[1] + 2), tokenizer, conversation(120))
+    assert len(tight.continue_from(continuation).ids) == 2
+    full_up = Asker(llama(tokenizer, positions=prompt_ids.shape[1]), tokenizer, conversation(120))
+    assert full_up.continue_from(continuation).ids == [] and full_up.continue_from(continuation).logits.shape == (0, 0)
+    with pytest.raises(ValueError, match=r"^Asker: prompt and answer need \d+ positions but the model has \d+; lower"):
+        full_up.ask(QUESTION)
+
+
+def test_asking_after_turns_is_the_chat(tokenizer):
+    """`Asker.ask`, `stream`, `prompt` and `continuation_ids` after ``turns`` are what a `Chat` with them uses."""
+    asker = Asker(llama(tokenizer), tokenizer, conversation(80), max_new_tokens=6)
+    chat = asker.chat()
+    first = chat.ask(QUESTION)
+    turns = [(QUESTION, first.text)]
+    streamed = "".join(chat.stream("Who smiled?"))
+    assert "".join(asker.stream("Who smiled?", turns=turns)) == streamed
+    assert asker.ask("Who smiled?", turns=turns).text == streamed.strip() == chat.turns[1][1]
+    prompt = asker.prompt("Who smiled?", turns=turns)
+    if not asker.use_chat_template:
+        assert prompt == f"{asker.prompt(QUESTION)} {first.text}\n\nQuestion: Who smiled?\nAnswer:"
+    rest = tokenizer(prompt[len(asker.prefix_text) :], add_special_tokens=False)["input_ids"]
+    assert asker.continuation_ids("Who smiled?", turns=turns).tolist() == rest
+    assert asker.prompt_ids("Who smiled?", turns=turns)[0].tolist() == asker.prefix_ids.tolist() + rest
+    malformed = r"^Asker: `turns` must be \(question, answer\) pairs of strings, got \('Who\?',\)\.$"
+    with pytest.raises(ValueError, match=malformed):
+        asker.ask("Who smiled?", turns=[("Who?",)])
+
+
+def test_a_prefix_cache_is_prefilled_once_and_decodes_as_full_forwards(plain_tokenizer):
+    tokenizer = plain_tokenizer
+    model = stopping_llama(tokenizer)
+    prefix = torch.tensor(tokenizer(conversation(120))["input_ids"])
+    cache = PrefixCache(model, prefix)
+    lengths = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: lengths.append(args[0].shape[1])
+    )
+    eos = end_of_sequence_ids(model, tokenizer)
+    questions = [torch.tensor(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in (" Who smiled?", " Why?")]
+    decoded = [cache.decode(tokens, 10, eos_token_ids=eos) for tokens in questions]
+    hook.remove()
+    assert lengths[0] == len(prefix) and max(lengths[1:]) < 10  # one prefill, then only the new tokens
+    for tokens, (ids, logits) in zip(questions, decoded, strict=True):
+        assert ids == greedy_reference(model, torch.cat([prefix, tokens])[None], 10, eos)
+        assert logits.shape == (len(ids), len(tokenizer))
+    tokens = questions[0]
+    assert cache.prefilled().get_seq_length() == len(prefix)  # the kept cache is never extended
+    assert not model.training
+    with pytest.raises(
+        ValueError, match=r"^PrefixCache\.decode: `max_new_tokens` must be a positive integer, got 0\.$"
+    ):
+        cache.decode(tokens, 0)
+    with pytest.raises(
+        ValueError,
+        match=r"^PrefixCache\.decode: `tokens` must be a non-empty 1-D tensor of token ids, got shape \(0,\)\.$",
+    ):
+        cache.decode(torch.tensor([], dtype=torch.long), 4)
+    with pytest.raises(
+        ValueError,
+        match=r"^PrefixCache: `prefix_ids` must be a non-empty 1-D tensor of token ids, got shape \(1, 3\)\.$",
+    ):
+        PrefixCache(model, torch.tensor([[1, 2, 3]]))
+
+
+def test_what_a_model_takes(plain_tokenizer):
+    llama_model = llama(plain_tokenizer, positions=256)
+    peft_model = get_peft_model(llama(plain_tokenizer), LocasConfig(r=8))
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=96))
+    for model in (llama_model, peft_model, gpt2):
+        assert accepts_argument(model, "position_ids") and accepts_argument(model, "attention_mask")
+        assert not accepts_argument(model, "no_such_argument")
+        assert cache_argument(model) in ("cache", "past_key_values") and accepts_argument(model, cache_argument(model))
+    assert accepts_argument(peft_model, "logits_to_keep")  # read from the wrapped class: PeftModel takes **kwargs
+    assert [max_positions(m) for m in (llama_model, peft_model, gpt2, torch.nn.Linear(2, 2))] == [256, 2048, 96, None]
+    eos = plain_tokenizer.eos_token_id
+    assert end_of_sequence_ids(llama_model, plain_tokenizer) == [eos]
+    llama_model.generation_config.eos_token_id = [7, eos, 3]
+    assert end_of_sequence_ids(llama_model, plain_tokenizer) == sorted({3, 7, eos})
 
 
 def test_reserved_cache_layer_equals_concatenation():

@@ -1,18 +1,24 @@
-"""Conversations and questions through the command line, in fresh processes: memorise a dialogue, then `ask` and
-`chat` it, with exact outputs and one-line errors."""
+"""Conversations and questions through the command line, in fresh processes and in this one: memorise a dialogue,
+then `ask` (in batches, as one by one) and `chat` it, with a context fitted to the model, exact outputs and one-line
+errors."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+import transformers as tf
 from peft import PeftModel
-from tiny_checkpoint import make_checkpoint
+from tiny_checkpoint import make_checkpoint, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_locas import cli
-from peft_locas.recall.asking import Asker
+from peft_locas.app.context import QUESTION_ROOM
+from peft_locas.app.inputs import read_source
+from peft_locas.recall.asking import Asker, fit_context
 
 SMALL = ["--chunk-tokens", "64", "--context-tokens", "16", "--r", "8", "--steps-per-chunk", "1", "--lr", "1e-2"]
 WORDS = "the cat sat on a mat and the dog ran to see what the bird had said about it".split()
@@ -26,6 +32,55 @@ def peft_locas(*args: str, stdin: str | None = None) -> subprocess.CompletedProc
 
 def errors(done: subprocess.CompletedProcess) -> list[str]:
     return [line for line in done.stderr.splitlines() if not line.startswith(("Loading weights", "Failed to load CPU"))]
+
+
+def ask_here(capsys, *args: str) -> tuple[list[dict], list[str]]:
+    """``peft-locas ask`` in this process: its JSON lines, and its ``context:`` lines on stderr."""
+    assert cli.main(["ask", *args]) == 0, capsys.readouterr().err[-3000:]
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("context:")]
+    return [json.loads(line) for line in captured.out.splitlines()], notes
+
+
+def memorised(run):
+    """The memorised model (base and adapter, as ``ask`` loads them) and its tokenizer."""
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run["model"]), run["adapter"])
+    return model, AutoTokenizer.from_pretrained(run["model"])
+
+
+def answering_checkpoint(folder: os.PathLike) -> os.PathLike:
+    """A tiny Llama with the tiny tokenizer whose greedy answers depend on the question (larger initial weights) and
+    end at different steps (its end-of-sequence logit is 1.2 times a common token's)."""
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    config = tf.LlamaConfig(
+        initializer_range=0.2,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=eos,
+        bos_token_id=eos,
+        pad_token_id=eos,
+    )
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[eos] = 1.2 * model.lm_head.weight[270]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def with_positions(model: os.PathLike, folder: os.PathLike, positions: int) -> str:
+    """A copy of a model folder whose config gives the model ``positions`` positions (the same weights: an adapter
+    made on the original fits it, and rotary positions below ``positions`` compute the same)."""
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": positions}))
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +131,142 @@ def test_ask_answers_as_the_python_helper_does(run, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == "" and f"1 answers: {out}" in done.stderr
     with_context = json.loads(out.read_text())
-    assert with_context["prompt_tokens"] >= answers[0]["prompt_tokens"] + 35
+    tokenizer = AutoTokenizer.from_pretrained(run["model"])
+    recent = fit_context(tokenizer, read_source(str(run["conversation"])).text, 40)
+    expected = Asker(model, tokenizer, recent, max_new_tokens=6).ask("Where is the dog?")
+    assert (with_context["answer"], with_context["prompt_tokens"]) == (expected.text, expected.prompt_tokens)
+    assert with_context["prompt_tokens"] >= answers[0]["prompt_tokens"] + 30
+
+
+def test_ask_answers_in_batches_as_one_by_one(tmp_path, capsys, monkeypatch):
+    """``--batch-size 2`` answers five questions of different lengths in batches of 2, 2 and 1 rows, in their order,
+    each exactly as `Asker.ask` answers it alone (different answers, ending at different steps); the default batch is
+    8, as --help says."""
+    folder = answering_checkpoint(tmp_path / "model")
+    questions = [
+        "Who sat on the mat?",
+        "What ran?",
+        "What did the bird say about the cat and the dog when they ran to see it?",
+        "Why?",
+        "Where did the dog run to see what the bird had said?",
+    ]
+    rows = []
+    generate_many = Asker._generate_many
+
+    def counted(self, continuations, limits, prefilled):
+        rows.append(len(continuations))
+        return generate_many(self, continuations, limits, prefilled)
+
+    monkeypatch.setattr(Asker, "_generate_many", counted)
+    args = ["--model", str(folder), "--max-new-tokens", "12", *(a for q in questions for a in ("--question", q))]
+    answers, notes = ask_here(capsys, *args, "--batch-size", "2")
+    assert rows == [2, 2, 1] and notes == []
+    assert [a["question"] for a in answers] == questions
+
+    asker = Asker(
+        AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), max_new_tokens=12
+    )
+    alone = [asker.ask(question) for question in questions]
+    assert [(a["answer"], a["prompt_tokens"], a["new_tokens"]) for a in answers] == [
+        (a.text, a.prompt_tokens, a.new_tokens) for a in alone
+    ]
+    # the fixture is what the test needs: questions of different lengths, mostly different answers (a mixed-up order
+    # would show), some ending at an end-of-sequence token before the limit
+    assert len({a.prompt_tokens for a in alone}) == len(questions) and len({a.text for a in alone}) >= 4
+    assert len({a.new_tokens for a in alone}) >= 2
+
+    rows.clear()
+    assert [a["answer"] for a in ask_here(capsys, *args)[0]] == [a.text for a in alone] and rows == [5]
+    with pytest.raises(SystemExit):
+        cli.main(["ask", "--help"])
+    assert "(default: 8)" in capsys.readouterr().out.split("--batch-size")[-1].split("--out")[0]  # its help entry
+
+
+def test_a_context_longer_than_the_model_keeps_its_end_and_says_so(run, tmp_path, capsys):
+    """``--context FILE`` and ``--context-tokens N`` go through `fit_context`: the end of the text, from a line start,
+    in at most N tokens and the model's positions less the answer's and `QUESTION_ROOM`; stderr names the tokens
+    kept of how many, and the answers are the `Asker`'s with that context."""
+    positions, answer = 400, 6
+    room = positions - answer - QUESTION_ROOM
+    model_limit = f"the model's {positions} positions less {answer} for the answer, {QUESTION_ROOM} for the question"
+    model_dir = with_positions(run["model"], tmp_path / "short-model", positions)
+    model, tokenizer = memorised(run)
+    # short lines: the cut finds a line start within the first 10% of what it keeps
+    lines = [
+        f"{('Ann', 'Bob')[k % 2]}: " + " ".join(WORDS[(3 * k + i) % len(WORDS)] for i in range(3)) for k in range(80)
+    ]
+    text = "\n".join(lines) + "\n"
+    long_file = tmp_path / "long.txt"
+    long_file.write_text(text, encoding="utf-8")
+    total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert total > 2 * room
+
+    args = ["--model", model_dir, "--adapter", str(run["adapter"]), "--max-new-tokens", str(answer)]
+    question = ["--question", "Who sat on the mat?"]
+    answers, notes = ask_here(capsys, *args, *question, "--context", str(long_file))
+    kept = fit_context(tokenizer, text, room)
+    count = len(tokenizer(kept, add_special_tokens=False)["input_ids"])
+    # the end of the text from a line start, within one line's tokens of the budget
+    assert text.endswith(kept) and text[-len(kept) - 1] == "\n" and room - 20 < count <= room
+    assert notes == [
+        f"context: kept the last {count} of {total} tokens of {long_file}, from a line start ({model_limit})"
+    ]
+    expected = Asker(model, tokenizer, kept, max_new_tokens=answer).ask("Who sat on the mat?")
+    assert (answers[0]["answer"], answers[0]["prompt_tokens"]) == (expected.text, expected.prompt_tokens)
+
+    # --context-tokens: the memorised text's end, within N tokens or the model's room, whichever is smaller
+    memorised_text = read_source(str(run["conversation"])).text
+    total = len(tokenizer(memorised_text, add_special_tokens=False)["input_ids"])
+    for wanted, budget, why in [(30, 30, "--context-tokens 30"), (500, room, model_limit)]:
+        answers, notes = ask_here(capsys, *args, *question, "--context-tokens", str(wanted))
+        kept = fit_context(tokenizer, memorised_text, budget)
+        count = len(tokenizer(kept, add_special_tokens=False)["input_ids"])
+        assert memorised_text.endswith(kept) and budget - 5 <= count <= budget
+        start = ", from a line start" if memorised_text[-len(kept) - 1] == "\n" else ""
+        assert notes == [f"context: kept the last {count} of {total} tokens of the memorised text{start} ({why})"]
+        expected = Asker(model, tokenizer, kept, max_new_tokens=answer).ask("Who sat on the mat?")
+        assert (answers[0]["answer"], answers[0]["prompt_tokens"]) == (expected.text, expected.prompt_tokens)
+
+    # a memorised text that fits is put whole, silently; an answer that leaves no room is refused in one line
+    full_model = ["--model", str(run["model"]), "--adapter", str(run["adapter"]), "--max-new-tokens", str(answer)]
+    answers, notes = ask_here(capsys, *full_model, *question, "--context-tokens", str(total + 50))
+    expected = Asker(model, tokenizer, memorised_text, max_new_tokens=answer).ask("Who sat on the mat?")
+    assert notes == [] and answers[0]["prompt_tokens"] == expected.prompt_tokens
+    status = cli.main(["ask", *args, *question, "--context-tokens", "30", "--max-new-tokens", "150"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert status == 1 and err == [
+        f"error: the model's {positions} positions leave no room for a context beside 150 for the answer and "
+        f"{QUESTION_ROOM} for the question: lower --max-new-tokens, or ask without a context"
+    ]
+
+
+def test_context_tokens_take_the_end_of_what_was_memorised(run, tmp_path, capsys):
+    """An adapter that memorised the text's first 100 tokens (``--max-tokens 100``) is asked with the end of those
+    100 tokens, not of the whole text."""
+    adapter = tmp_path / "first-100"
+    shutil.copytree(run["adapter"], adapter)
+    record = json.loads((adapter / cli.RESULTS_FILE).read_text())
+    record["settings"]["max_tokens"] = 100
+    (adapter / cli.RESULTS_FILE).write_text(json.dumps(record))
+    model, tokenizer = memorised(run)
+    text = read_source(str(run["conversation"])).text
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    assert len(encoded["input_ids"]) > 150
+    first = text[: encoded["offset_mapping"][99][1]]
+    assert tokenizer(first)["input_ids"] == encoded["input_ids"][:100]
+
+    args = ["--model", str(run["model"]), "--adapter", str(adapter), "--max-new-tokens", "6"]
+    answers, notes = ask_here(capsys, *args, "--question", "What ran?", "--context-tokens", "30")
+    kept = fit_context(tokenizer, first, 30)
+    assert first.endswith(kept) and not text.endswith(kept)
+    count = len(tokenizer(kept, add_special_tokens=False)["input_ids"])
+    total = len(tokenizer(first, add_special_tokens=False)["input_ids"])
+    start = ", from a line start" if first[-len(kept) - 1] == "\n" else ""
+    assert notes == [
+        f"context: kept the last {count} of {total} tokens of the memorised text{start} (--context-tokens 30)"
+    ]
+    expected = Asker(model, tokenizer, kept, max_new_tokens=6).ask("What ran?")
+    assert (answers[0]["answer"], answers[0]["prompt_tokens"]) == (expected.text, expected.prompt_tokens)
 
 
 def test_chat_streams_each_reply_and_leaves_at_end_of_input(run):

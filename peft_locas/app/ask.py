@@ -1,4 +1,8 @@
-"""``peft-locas ask``: answer questions with a memorised model, one JSON line per answer."""
+"""``peft-locas ask``: answer questions with a memorised model, one JSON line per answer, in the questions' order.
+
+Questions are answered in batches (`Asker.ask_many`: one forward per token for the whole batch, over copies of the
+prefilled context); each answer is the one `Asker.ask` gives the question alone. Lines go to stdout as each batch is
+done, or all at once to ``--out``, written atomically."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .context import add_asking_options, load_asker
-from .options import UsageError
+from .options import UsageError, positive_int
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -20,6 +24,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help='JSONL, one {"question": ..., optional "answer", "category"} per line, or a LoCoMo .json (its qa)',
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="questions answered together (same answers as one by one; each holds a copy of the context's KV cache)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here instead of stdout")
     parser.set_defaults(run=run)
@@ -45,23 +55,26 @@ def run(args: argparse.Namespace) -> int:
     from ..recall.metrics import locomo_f1, token_f1
 
     lines = []
-    for question in questions:
-        answer = asker.ask(question.question)
-        line = {"question": question.question, "answer": answer.text}
-        if question.category is not None:
-            line["category"] = question.category
-        gold = question.answer if question.answer is not None else question.extra.get("adversarial_answer")
-        if gold is not None or question.category == 5:
-            line["gold"] = gold
-            line["f1"] = (
-                locomo_f1(answer.text, gold, question.category)
-                if question.category is not None
-                else token_f1(answer.text, str(gold))
-            )
-        line.update(prompt_tokens=answer.prompt_tokens, new_tokens=answer.new_tokens, seconds=round(answer.seconds, 3))
-        lines.append(json.dumps(line, ensure_ascii=False))
-        if args.out is None:
-            print(lines[-1], flush=True)
+    for first in range(0, len(questions), args.batch_size):  # one batch at a time: stdout shows progress
+        batch = questions[first : first + args.batch_size]
+        answers = asker.ask_many([question.question for question in batch], batch_size=args.batch_size)
+        for question, answer in zip(batch, answers, strict=True):
+            line = {"question": question.question, "answer": answer.text}
+            if question.category is not None:
+                line["category"] = question.category
+            gold = question.answer if question.answer is not None else question.extra.get("adversarial_answer")
+            if gold is not None or question.category == 5:
+                line["gold"] = gold
+                line["f1"] = (
+                    locomo_f1(answer.text, gold, question.category)
+                    if question.category is not None
+                    else token_f1(answer.text, str(gold))
+                )
+            seconds = round(answer.seconds, 3)
+            line.update(prompt_tokens=answer.prompt_tokens, new_tokens=answer.new_tokens, seconds=seconds)
+            lines.append(json.dumps(line, ensure_ascii=False))
+            if args.out is None:
+                print(lines[-1], flush=True)
     if args.out is not None:
         _write_atomic(args.out, "".join(f"{line}\n" for line in lines))
         print(f"{len(lines)} answers: {args.out}", file=sys.stderr)

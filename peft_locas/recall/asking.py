@@ -36,6 +36,12 @@ Adapters: the model may be a ``PeftModel`` (any active adapter), a merged model 
 ``with model.disable_adapter():`` the asker answers as the base model: prefix caches are kept per model state (device,
 dtype, the PEFT layers' active / disabled / merged adapters, and the parameters' in-place version counters), so a
 changed state, or weights trained further, get their own prefill; the last two states' caches are kept.
+
+Continuations: a *continuation* is the token ids that follow the shared prefix (`Asker.continuation_ids()`: a
+question, after earlier ``turns`` in a chat). `Asker.continue_from()` decodes after one token by token and returns the
+logits too, with greedy or caller-chosen tokens; `PrefixCache` is the same for any prefix (self-study's question
+writer). `accepts_argument()`, `cache_argument()`, `max_positions()` and `end_of_sequence_ids()` answer what they need
+to know of a model.
 """
 
 from __future__ import annotations
@@ -45,10 +51,10 @@ import inspect
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -105,6 +111,18 @@ class Answer:
     seconds: float
 
 
+class Continuation(NamedTuple):
+    """What `PrefixCache.decode()` and `Asker.continue_from()` decoded.
+
+    ``ids``: the new token ids in order, a stopping end-of-sequence id included. ``logits``: the logits that chose
+    them, ``(len(ids), vocab)`` in the model's dtype and on its device (row ``i`` chose ``ids[i]``); ``(0, 0)`` when
+    nothing was decoded (the prompt already filled the model's positions).
+    """
+
+    ids: list[int]
+    logits: torch.Tensor
+
+
 def fit_context(tokenizer: Any, text: str, max_tokens: int) -> str:
     """The end of ``text`` that fits in ``max_tokens`` tokens (``text`` itself when it already fits).
 
@@ -131,6 +149,113 @@ def fit_context(tokenizer: Any, text: str, max_tokens: int) -> str:
         at_line_start = len(cut) < len(kept) and kept.endswith(cut) and kept[len(kept) - len(cut) - 1] == "\n"
         newline = -1 if at_line_start else cut.find("\n", 0, len(cut) // 10)
         kept = cut[newline + 1 :] if newline >= 0 else cut
+
+
+class PrefixCache:
+    """A token prefix run through ``model`` once, its KV cache continued by copies: the shared prefill behind `Asker`
+    and self-study's question writer (`peft_locas.recall.self_study.write_questions`).
+
+    The cache is prefilled on first use and kept per model state (device, dtype, the PEFT layers' active / disabled /
+    merged adapters, the parameters' in-place version counters; the last two states' caches), so ``with
+    model.disable_adapter():``, or weights trained further, get their own prefill.
+
+    Args:
+        model: a causal LM (``PeftModel``, merged or plain ``transformers`` model) on any device.
+        prefix_ids: the prefix's token ids, int64 ``(prefix_tokens,)`` (special tokens as the model should see them).
+
+    Raises:
+        ValueError: ``prefix_ids`` is empty or not one-dimensional.
+    """
+
+    def __init__(self, model: torch.nn.Module, prefix_ids: torch.Tensor) -> None:
+        prefix_ids = torch.as_tensor(prefix_ids, dtype=torch.long)
+        if prefix_ids.dim() != 1 or len(prefix_ids) == 0:
+            raise ValueError(
+                f"PrefixCache: `prefix_ids` must be a non-empty 1-D tensor of token ids, got shape "
+                f"{tuple(prefix_ids.shape)}."
+            )
+        self.model = model
+        #: the prefix's token ids, int64 ``(prefix_tokens,)``, on the CPU
+        self.prefix_ids = prefix_ids.cpu()
+        #: the KV cache's argument and output name in the model's forward (`cache_argument()`)
+        self.cache_argument = cache_argument(model)
+        #: the model's positions (`max_positions()`), ``None`` when its config names none
+        self.max_positions = max_positions(model)
+        self._caches: dict[tuple, Any] = {}
+
+    def prefilled(self) -> Any:
+        """The prefix's KV cache (a ``transformers`` cache of batch 1 holding ``prefix_tokens`` positions) for the
+        model's current state, prefilled in eval mode without gradients on first use.
+
+        A forward appends to the cache it is given: continue a ``copy.deepcopy`` of it, never the cache itself.
+        """
+        key = _model_state(self.model)
+        if key not in self._caches:
+            with _evaluating(self.model):
+                ids = self.prefix_ids[None].to(_device(self.model))
+                output = self.model(input_ids=ids, use_cache=True, **_logits_to_keep(self.model, 1))
+            while len(self._caches) >= _KEPT_PREFIX_CACHES:
+                self._caches.pop(next(iter(self._caches)))
+            self._caches[key] = getattr(output, self.cache_argument)
+        return self._caches[key]
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        pick: Callable[[torch.Tensor], int] | None = None,
+        stop: Callable[[list[int]], bool] | None = None,
+    ) -> Continuation:
+        """New token ids after the prefix and ``tokens`` (int64 ``(n,)``, ``n >= 1``), decoded one at a time from a
+        copy of the prefilled cache, in eval mode without gradients (the model's training mode is restored).
+
+        Each id is ``pick(logits)`` of the logits ``(vocab,)`` predicting it (default: the greedy argmax). Decoding
+        stops after an id of ``eos_token_ids`` (kept), once ``stop(new ids so far)`` is true, after
+        ``max_new_tokens`` ids, or at the model's last position (nothing at all when the prefix and ``tokens`` already
+        fill the model's positions).
+
+        Raises:
+            ValueError: ``tokens`` is empty or not one-dimensional, or ``max_new_tokens`` is not a positive integer.
+        """
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.dim() != 1 or len(tokens) == 0:
+            raise ValueError(
+                f"PrefixCache.decode: `tokens` must be a non-empty 1-D tensor of token ids, got shape "
+                f"{tuple(tokens.shape)}."
+            )
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(
+                f"PrefixCache.decode: `max_new_tokens` must be a positive integer, got {max_new_tokens!r}."
+            )
+        pick = _greedy if pick is None else pick
+        seen = len(self.prefix_ids)
+        limit = max_new_tokens
+        if self.max_positions is not None:
+            limit = min(limit, self.max_positions - seen - len(tokens))
+        if limit < 1:
+            return Continuation([], torch.empty(0, 0))
+        device = _device(self.model)
+        new_ids: list[int] = []
+        logits: list[torch.Tensor] = []
+        with _evaluating(self.model):
+            cache = copy.deepcopy(self.prefilled())
+            step = tokens.to(device)
+            while len(new_ids) < limit:
+                seen += len(step)
+                # the cache holds the earlier positions: the mask covers them, the forward only the new tokens
+                mask = torch.ones(1, seen, dtype=torch.long, device=device)
+                output = self.model(
+                    input_ids=step[None], attention_mask=mask, use_cache=True, **{self.cache_argument: cache}
+                )
+                cache = getattr(output, self.cache_argument)
+                logits.append(output.logits[0, -1])
+                new_ids.append(pick(logits[-1]))
+                if new_ids[-1] in eos_token_ids or (stop is not None and stop(new_ids)):
+                    break
+                step = torch.tensor([new_ids[-1]], dtype=torch.long, device=device)
+        return Continuation(new_ids, torch.stack(logits))
 
 
 class Asker:
@@ -187,37 +312,58 @@ class Asker:
         encoded = tokenizer(self.prefix_text, add_special_tokens=not self.use_chat_template)["input_ids"]
         #: the shared prefix's token ids, int64 of shape ``(prefix_tokens,)``, on the CPU
         self.prefix_ids = torch.tensor(encoded, dtype=torch.long)
-        self.max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        #: the model's positions (`max_positions()`), ``None`` when its config names none
+        self.max_positions = max_positions(model)
         if self.max_positions is not None and len(self.prefix_ids) >= self.max_positions:
             raise ValueError(
                 f"Asker: the prompt prefix has {len(self.prefix_ids)} tokens but the model has {self.max_positions} "
                 "positions; pass max_context_tokens to keep only the end of the context."
             )
-        eos = [tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
-        self.eos_token_ids = sorted({i for e in eos for i in ([e] if isinstance(e, int) else e or [])})
+        #: the ids an answer stops at (`end_of_sequence_ids()`)
+        self.eos_token_ids = end_of_sequence_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self._pad_token_id = pad if pad is not None else (self.eos_token_ids or [0])[0]
-        self._cache_kwarg = _cache_kwarg(model)
-        self._prefix_caches: dict[tuple, Any] = {}
+        self._cache_kwarg = cache_argument(model)
+        self._prefix = PrefixCache(model, self.prefix_ids)
 
     # ------------------------------------------------------------------ prompts
-    def prompt(self, question: str) -> str:
-        """The whole prompt text for ``question`` (the prefix, then the question's part)."""
-        return self.prefix_text + self._continuation_text((), _check_question(question))
-
-    def prompt_ids(self, question: str) -> torch.Tensor:
-        """The prompt's token ids as the model sees them: int64 of shape ``(1, prompt_tokens)``, on the CPU."""
-        continuation = self._continuation_ids((), _check_question(question))
-        return torch.cat([self.prefix_ids, continuation])[None]
-
-    # ------------------------------------------------------------------ asking
-    def ask(self, question: str, *, max_new_tokens: int | None = None) -> Answer:
-        """The greedy answer to ``question``, continuing from the prefilled prefix.
+    def prompt(self, question: str, *, turns: Sequence[tuple[str, str]] = ()) -> str:
+        """The whole prompt text for ``question`` (the prefix, then the question's part), after the earlier
+        ``(question, answer)`` ``turns`` of a chat (see `Chat`).
 
         Raises:
-            ValueError: an empty question, or a prompt plus answer longer than the model's positions.
+            ValueError: an empty question, or ``turns`` that are not pairs of strings.
         """
-        return self._ask((), _check_question(question), max_new_tokens)
+        return self.prefix_text + self._continuation_text(_check_turns(turns), _check_question(question))
+
+    def prompt_ids(self, question: str, *, turns: Sequence[tuple[str, str]] = ()) -> torch.Tensor:
+        """The prompt's token ids as the model sees them: int64 of shape ``(1, prompt_tokens)``, on the CPU: the
+        prefix's, then `continuation_ids()`.
+
+        Raises:
+            ValueError: as `prompt()`.
+        """
+        return torch.cat([self.prefix_ids, self.continuation_ids(question, turns=turns)])[None]
+
+    def continuation_ids(self, question: str, *, turns: Sequence[tuple[str, str]] = ()) -> torch.Tensor:
+        """The token ids after the shared prefix for ``question`` (after the earlier ``turns``): int64 of shape
+        ``(continuation_tokens,)``, on the CPU; what each question runs through the model beyond the prefix.
+
+        Raises:
+            ValueError: as `prompt()`.
+        """
+        return self._continuation_ids(_check_turns(turns), _check_question(question))
+
+    # ------------------------------------------------------------------ asking
+    def ask(self, question: str, *, max_new_tokens: int | None = None, turns: Sequence[tuple[str, str]] = ()) -> Answer:
+        """The greedy answer to ``question`` (after the earlier ``(question, answer)`` ``turns`` of a chat, see
+        `Chat`), continuing from the prefilled prefix.
+
+        Raises:
+            ValueError: an empty question, ``turns`` that are not pairs of strings, or a prompt plus answer longer
+                than the model's positions.
+        """
+        return self._ask(_check_turns(turns), _check_question(question), max_new_tokens)
 
     def ask_many(
         self, questions: Sequence[str], *, max_new_tokens: int | None = None, batch_size: int = 8
@@ -271,8 +417,11 @@ class Asker:
                     )
         return answers
 
-    def stream(self, question: str, *, max_new_tokens: int | None = None) -> Iterator[str]:
-        """The greedy answer's text in pieces, as they are decoded; their concatenation is `ask()`'s text unstripped.
+    def stream(
+        self, question: str, *, max_new_tokens: int | None = None, turns: Sequence[tuple[str, str]] = ()
+    ) -> Iterator[str]:
+        """The greedy answer's text in pieces, as they are decoded; their concatenation is `ask()`'s text unstripped
+        (with the same ``turns``).
 
         Generation runs in a thread; closing the iterator early stops it. A piece never ends inside a multi-byte
         character (held back until its last byte's token arrives).
@@ -280,9 +429,32 @@ class Asker:
         Raises:
             ValueError: as `ask()` (at this call, not at the first piece).
         """
-        continuation = self._continuation_ids((), _check_question(question))
+        continuation = self._continuation_ids(_check_turns(turns), _check_question(question))
         limit = self._limit(continuation, max_new_tokens)
         return self._stream(continuation, limit)
+
+    def continue_from(
+        self,
+        continuation: torch.Tensor,
+        *,
+        max_new_tokens: int | None = None,
+        pick: Callable[[torch.Tensor], int] | None = None,
+        stop: Callable[[list[int]], bool] | None = None,
+    ) -> Continuation:
+        """Decode after the prefilled prefix and ``continuation`` (int64 ``(n,)``, e.g. `continuation_ids()`), one
+        token at a time (`PrefixCache.decode()`), returning the new ids and the logits that chose them: the
+        lower-level form of `ask()`, for callers that score or choose the tokens themselves (self-study's teacher).
+
+        Greedy by default (`ask()`'s token ids, up to float rounding); ``pick(logits (vocab,)) -> id`` chooses
+        otherwise. Decoding stops after one of `eos_token_ids` (kept), once ``stop(new ids so far)`` is true, after
+        ``max_new_tokens`` (default: the asker's) or at the model's last position: unlike `ask()`, a prompt near the
+        end of the model's positions gets a shorter continuation instead of an error.
+
+        Raises:
+            ValueError: an empty ``continuation``, or ``max_new_tokens`` that is not a positive integer.
+        """
+        limit = self.max_new_tokens if max_new_tokens is None else _check_max_new_tokens(max_new_tokens)
+        return self._prefix.decode(continuation, limit, eos_token_ids=self.eos_token_ids, pick=pick, stop=stop)
 
     def answer_logprob(self, question: str, answer: str) -> tuple[float, int]:
         """The summed log-probability (natural log, computed in float32) of ``answer`` after ``question``'s prompt,
@@ -396,33 +568,19 @@ class Asker:
         return limit
 
     def _device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return _device(self.model)
 
-    @contextmanager
-    def _asking(self) -> Iterator[None]:
-        """Eval mode and no gradients while asking; the model's training mode is restored afterwards."""
-        training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.model.train(training)
+    def _asking(self) -> Any:
+        """Eval mode and no gradients while asking (a context manager); the model's training mode is restored
+        afterwards."""
+        return _evaluating(self.model)
 
     def _prefilled(self) -> Any:
-        """The prefix's KV cache for the model's current state, prefilled on first use; call in `_asking()`.
+        """The prefix's KV cache for the model's current state, prefilled on first use (`PrefixCache.prefilled()`).
 
         Generation appends to the cache it is given: pass each question a ``copy.deepcopy`` of it.
         """
-        key = _model_state(self.model)
-        if key not in self._prefix_caches:
-            kwargs = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}
-            ids = self.prefix_ids[None].to(self._device())
-            output = self.model(input_ids=ids, use_cache=True, **kwargs)
-            while len(self._prefix_caches) >= _KEPT_PREFIX_CACHES:
-                self._prefix_caches.pop(next(iter(self._prefix_caches)))
-            self._prefix_caches[key] = getattr(output, self._cache_kwarg)
-        return self._prefix_caches[key]
+        return self._prefix.prefilled()
 
     def _continuation_logits(self, continuation: torch.Tensor) -> torch.Tensor:
         """Logits over ``continuation`` (int64 ``(n,)``) after the prefix, from the prefix cache: ``(n, vocab)``."""
@@ -463,10 +621,10 @@ class Asker:
         plain = bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
         config = getattr(self.model, "generation_config", None)
         processors = any(getattr(config, name, None) not in neutral for name, neutral in _PROCESSOR_SETTINGS.items())
-        return plain and _accepts(self.model, "position_ids") and not (greedy and processors)
+        return plain and accepts_argument(self.model, "position_ids") and not (greedy and processors)
 
     def _logits_to_keep(self, count: int) -> dict[str, int]:
-        return {"logits_to_keep": count} if _accepts(self.model, "logits_to_keep") else {}
+        return _logits_to_keep(self.model, count)
 
     def _repeated(self, prefilled: Any, rows: int, room: int) -> Any:
         """A copy of the prefix cache (of plain dynamic layers) with ``rows`` rows, one per question of a batch, and
@@ -604,17 +762,15 @@ class Chat:
 
     def ask(self, question: str, *, max_new_tokens: int | None = None) -> Answer:
         """Answer ``question`` after the earlier turns and remember the exchange (see `Asker.ask()`)."""
-        answer = self.asker._ask(self.turns, _check_question(question), max_new_tokens)
+        answer = self.asker.ask(question, max_new_tokens=max_new_tokens, turns=self.turns)
         self.turns.append((answer.question, answer.text))
         return answer
 
     def stream(self, question: str, *, max_new_tokens: int | None = None) -> Iterator[str]:
         """Stream the answer to ``question`` after the earlier turns (see `Asker.stream()`); the exchange is
         remembered once the answer is complete (a stream closed early is forgotten)."""
-        question = _check_question(question)
-        continuation = self.asker._continuation_ids(self.turns, question)
-        limit = self.asker._limit(continuation, max_new_tokens)
-        return self._remembered(question, self.asker._stream(continuation, limit))
+        pieces = self.asker.stream(question, max_new_tokens=max_new_tokens, turns=self.turns)
+        return self._remembered(_check_question(question), pieces)
 
     def _remembered(self, question: str, pieces: Iterator[str]) -> Iterator[str]:
         text = ""
@@ -707,25 +863,74 @@ def _check_max_new_tokens(value: int) -> int:
 
 def _token_starts(tokenizer: Any, text: str) -> tuple[list[int], list[int] | None]:
     """Token ids of ``text`` (no special tokens) and, for fast tokenizers, each token's start character."""
+    # verbose=False: a long text's tokens are only counted here, never run through the model as one sequence
     if not getattr(tokenizer, "is_fast", False):
-        return tokenizer(text, add_special_tokens=False)["input_ids"], None
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], None
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return encoded["input_ids"], [start for start, _ in encoded["offset_mapping"]]
 
 
-def _forward_parameters(model: torch.nn.Module) -> Any:
-    # a PeftModel forwards **kwargs: the wrapped transformers class names the real parameters
+def accepts_argument(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward takes a keyword argument ``name`` (e.g. ``"position_ids"``, ``"logits_to_keep"``).
+
+    A ``PeftModel`` forwards ``**kwargs``: the wrapped ``transformers`` class's forward is the one read.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inspect.signature(type(base).forward).parameters
+    return name in inspect.signature(type(base).forward).parameters
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    return name in _forward_parameters(model)
+def cache_argument(model: torch.nn.Module) -> str:
+    """The KV cache's argument and output name in ``model``'s forward: ``"cache"`` (``transformers`` >= 5.2x) or
+    ``"past_key_values"``."""
+    return "cache" if accepts_argument(model, "cache") else "past_key_values"
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """``"cache"`` (transformers >= 5.2x) or ``"past_key_values"``: the KV cache's argument and output name."""
-    return "cache" if _accepts(model, "cache") else "past_key_values"
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The positions ``model`` takes (its text config's ``max_position_embeddings``), ``None`` when it names none."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and not isinstance(positions, bool) else None
+
+
+def end_of_sequence_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """The ids an answer stops at, sorted: the tokenizer's end-of-sequence id and the generation config's
+    (``eos_token_id``, one id or a list)."""
+    eos = [tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
+    return sorted({i for e in eos for i in ([e] if isinstance(e, int) else e or [])})
+
+
+def _check_turns(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    pairs = list(turns)
+    for turn in pairs:
+        if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise ValueError(f"Asker: `turns` must be (question, answer) pairs of strings, got {turn!r}.")
+    return [(question, answer) for question, answer in pairs]
+
+
+def _greedy(logits: torch.Tensor) -> int:
+    return int(logits.argmax())
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _logits_to_keep(model: torch.nn.Module, count: int) -> dict[str, int]:
+    """``logits_to_keep=count`` for a forward that takes it (only the last ``count`` positions' logits are made)."""
+    return {"logits_to_keep": count} if accepts_argument(model, "logits_to_keep") else {}
+
+
+@contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients inside; the model's training mode is restored on leaving."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
 
 
 def _model_state(model: torch.nn.Module) -> tuple:

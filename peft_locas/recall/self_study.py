@@ -31,18 +31,16 @@ question or answer continues from a copy of its KV cache, so a chunk is never re
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..objectives import TeacherTargets, kl_divergence
-from .asking import Asker, _accepts, _cache_kwarg
+from .asking import Asker, PrefixCache, accepts_argument, end_of_sequence_ids
 
 #: seed prompts, one per question, rotated (Cartridges' seed types, narrowed to the facts a dialogue states; the last
 #: is Cartridges' "question" seed prompt)
@@ -143,8 +141,8 @@ def write_questions(
         prefix_ids, after = _encode(tokenizer, prefix), after + "Question:"  # the reply starts as a question
     else:
         prefix_ids, after = torch.tensor(tokenizer(head)["input_ids"], dtype=torch.long), "\nQuestion:"
-    decoder = _Decoder(model, prefix_ids)
-    eos = _eos_ids(model, tokenizer)
+    decoder = PrefixCache(model, prefix_ids)
+    eos = end_of_sequence_ids(model, tokenizer)
 
     def done(new_ids: list[int]) -> bool:  # a question mark, or a complete line with a question: nothing more is kept
         written = _decode(tokenizer, new_ids, eos)
@@ -159,7 +157,8 @@ def write_questions(
             probs = (logits.detach().float().cpu() / temperature).softmax(-1)
             return int(torch.multinomial(probs, 1, generator=generator))
 
-        new_ids, _ = decoder.continue_(_encode(tokenizer, seed_prompt + after), max_new_tokens, eos, sample, done)
+        tokens = _encode(tokenizer, seed_prompt + after)
+        new_ids, _ = decoder.decode(tokens, max_new_tokens, eos_token_ids=eos, pick=sample, stop=done)
         question = _first_question(_decode(tokenizer, new_ids, eos))
         if any(c.isalnum() for c in question) and question.casefold() not in {q.casefold() for q in questions}:
             questions.append(question)
@@ -172,14 +171,14 @@ def teach(
     """The greedy answers of ``teacher`` (an `Asker`; its model as it is, in eval mode, without gradients) to
     ``questions`` and its next-token distributions over them (`TeacherTargets.from_logits` with ``top_k``).
 
-    The answers are `Asker.ask`'s greedy tokens (at most ``max_new_tokens``), decoded from one prefill of the asker's
-    prefix; questions answered with nothing (an immediate end of sequence) are dropped.
+    The answers are `Asker.ask`'s greedy tokens (at most ``max_new_tokens``, fewer at the end of the model's
+    positions), decoded by `Asker.continue_from` from one prefill of the asker's prefix; questions answered with
+    nothing (an immediate end of sequence) are dropped.
     """
-    decoder = _Decoder(teacher.model, teacher.prefix_ids)
     examples = []
     for question in questions:
-        continuation = teacher.prompt_ids(question)[0, len(teacher.prefix_ids) :]
-        new_ids, logits = decoder.continue_(continuation, max_new_tokens, teacher.eos_token_ids, _greedy)
+        continuation = teacher.continuation_ids(question)
+        new_ids, logits = teacher.continue_from(continuation, max_new_tokens=max_new_tokens)
         answer = _decode(teacher.tokenizer, new_ids, teacher.eos_token_ids).strip()
         if answer:
             targets = TeacherTargets.from_logits(logits, top_k)
@@ -193,7 +192,7 @@ def student_kl(model: torch.nn.Module, prompt_ids: torch.Tensor, example: StudyE
     answer tokens up to the one predicted."""
     n = len(example.answer_ids)
     ids = torch.cat([prompt_ids[0], example.answer_ids]).to(model.get_input_embeddings().weight.device)[None]
-    kwargs = {"logits_to_keep": n + 1} if _accepts(model, "logits_to_keep") else {}
+    kwargs = {"logits_to_keep": n + 1} if accepts_argument(model, "logits_to_keep") else {}
     logits = model(input_ids=ids, use_cache=False, **kwargs).logits[0, -n - 1 : -1]
     return kl_divergence(example.teacher, logits)
 
@@ -277,79 +276,6 @@ class SelfStudy:
         return {"questions": [example.record() for example in examples], "losses": losses}
 
 
-class _Decoder:
-    """Continues one prompt prefix (int64 ``(p,)``), prefilled once, with other tokens: each `continue_` decodes from a
-    copy of the prefix's KV cache, in eval mode and without gradients (the model's mode is restored)."""
-
-    def __init__(self, model: torch.nn.Module, prefix_ids: torch.Tensor) -> None:
-        self.model = model
-        self.device = model.get_input_embeddings().weight.device
-        self.prefix_ids = prefix_ids.to(self.device)
-        self.cache_kwarg = _cache_kwarg(model)
-        self.keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-        self.positions = _positions(model)
-        with _eval_no_grad(model):
-            output = model(input_ids=self.prefix_ids[None], use_cache=True, **self.keep_last)
-        self.cache = getattr(output, self.cache_kwarg)
-
-    def continue_(
-        self,
-        tokens: torch.Tensor,
-        max_new_tokens: int,
-        eos_ids: Sequence[int],
-        pick: Callable[[torch.Tensor], int],
-        stop: Callable[[list[int]], bool] | None = None,
-    ) -> tuple[list[int], torch.Tensor]:
-        """The new token ids after the prefix and ``tokens`` (int64 ``(s,)``), each chosen by ``pick`` from the
-        logits ``(V,)`` predicting it, until an id of ``eos_ids`` (kept), ``stop(new ids)``, ``max_new_tokens`` or the
-        model's last position; and those logits, ``(new tokens, V)`` in the model's dtype (no tokens at all when the
-        prompt already fills the model's positions)."""
-        seen = len(self.prefix_ids)
-        limit = max_new_tokens if self.positions is None else min(max_new_tokens, self.positions - seen - len(tokens))
-        if limit < 1:
-            return [], torch.empty(0)
-        cache = copy.deepcopy(self.cache)
-        step = tokens.to(self.device)
-        new_ids: list[int] = []
-        logits = []
-        with _eval_no_grad(self.model):
-            while len(new_ids) < limit:
-                seen += len(step)
-                mask = torch.ones(1, seen, dtype=torch.long, device=self.device)
-                output = self.model(
-                    input_ids=step[None], attention_mask=mask, use_cache=True, **{self.cache_kwarg: cache}
-                )
-                cache = getattr(output, self.cache_kwarg)
-                logits.append(output.logits[0, -1])
-                new_ids.append(pick(logits[-1]))
-                if new_ids[-1] in eos_ids or (stop is not None and stop(new_ids)):
-                    break
-                step = torch.tensor([new_ids[-1]], dtype=torch.long, device=self.device)
-        return new_ids, torch.stack(logits)
-
-
-@contextmanager
-def _eval_no_grad(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; the model's training mode is restored on leaving."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(training)
-
-
-def _positions(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    positions = getattr(getattr(config, "get_text_config", lambda: config)(), "max_position_embeddings", None)
-    return positions if isinstance(positions, int) and not isinstance(positions, bool) else None
-
-
-def _greedy(logits: torch.Tensor) -> int:
-    return int(logits.argmax())
-
-
 def _encode(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
@@ -357,12 +283,6 @@ def _encode(tokenizer: Any, text: str) -> torch.Tensor:
 def _decode(tokenizer: Any, ids: Sequence[int], eos: Sequence[int]) -> str:
     ids = list(ids[:-1]) if ids and ids[-1] in eos else list(ids)
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """The tokenizer's and the generation config's end-of-sequence ids (as `Asker` stops on)."""
-    eos = [tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
-    return sorted({i for e in eos for i in ([e] if isinstance(e, int) else e or [])})
 
 
 def _first_question(text: str) -> str:
