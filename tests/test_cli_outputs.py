@@ -155,6 +155,13 @@ def test_several_texts_and_a_folder_are_one_memory(files, tmp_path, capsys):
     result = memorize(model, tokenizer, [a.read_text(), b.read_text()], config, peft_config=LocasConfig(r=8))
     assert result.losses == pytest.approx(losses(tmp_path / "two"), rel=1e-6)
 
+    # ask --context-tokens reads the texts again, joined as memorize joined them: the context is b's end
+    capsys.readouterr()
+    ask = ["ask", "--adapter", str(tmp_path / "two"), "--context-tokens", "12", "--question", "Who?"]
+    assert cli.main([*ask, "--max-new-tokens", "1", "--no-chat-template"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["prompt_tokens"] >= 12
+
     empty = tmp_path / "empty-folder"
     empty.mkdir()
     (empty / "data.csv").write_text("x")

@@ -179,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(folder),
         "base_fingerprint": base_fingerprint(folder),
         **_sources_record(sources, label),
+        "encoding": args.encoding,
         "adapter_type": adapter_type,
         "r": r,
         "continued_from": None if continued is None else str(args.adapter.resolve()),
