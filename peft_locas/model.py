@@ -151,6 +151,15 @@ class LocasModel(BaseTuner):
             # unloading puts the wrapped block back as it is; PEFT's version assumes a single-weight layer here
             setattr(parent, child_name, new_module)
 
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "cat"
+    ) -> None:
+        """Compose memories exactly into ``adapter_name``: their units side by side, memory i's output scaled by
+        ``weights[i]`` (PEFT's ``combination_type="cat"``); see `peft_locas.composition.add_weighted_adapter`."""
+        from .composition import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type)
+
     def clip_memory_norms_(self, adapter_names: list[str] | None = None) -> None:
         """Project every memory row onto the ball of radius ``max_norm`` of its adapter's config, in place.
 
