@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_checkpoint import make_checkpoint, sample_text
 
 from peft_locas import cli
@@ -260,3 +261,38 @@ def test_distill_options_reach_the_run(files, tmp_path):
         peft_config=LocasConfig(r=8),
     )
     assert losses(tmp_path / "a") == pytest.approx(result.losses, rel=1e-6)
+
+
+def test_compose_two_memories(files, tmp_path, capsys):
+    from peft import PeftModel
+    from tiny_models import tokens
+    from transformers import AutoModelForCausalLM
+
+    a, b = files["texts"] / "a.txt", files["texts"] / "b.md"
+    base = ["memorize", "--model", str(files["main"]), *RUN, *R, "--no-checkpoint", "--max-tokens", "128"]
+    for text, out in ((a, "one"), (b, "two")):
+        assert cli.main([*base, "--text", str(text), "--out", str(tmp_path / out)]) == 0
+    composed = tmp_path / "both"
+    argv = ["compose", "--adapter", str(tmp_path / "one"), "--adapter", str(tmp_path / "two"), "--out", str(composed)]
+    assert cli.main([*argv, "--weight", "1", "--weight", "0.5"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"composed memory (r=16) of 2 memories: {composed}")
+    record = json.loads((composed / "memorize_results.json").read_text())
+    assert record["weights"] == [1.0, 0.5] and record["r"] == 16
+    # the composed adapter equals both memories active at once, the second's output halved
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(files["main"]), tmp_path / "one", "one")
+    model.load_adapter(tmp_path / "two", "two")
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "locas_memory") and "two" in module.locas_memory:
+                module.locas_memory["two"].value.mul_(0.5)
+        model.base_model.set_adapter(["one", "two"])
+        both = model(tokens()).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(files["main"]), composed).eval()
+        torch.testing.assert_close(reloaded(tokens()).logits, both, atol=1e-5, rtol=1e-5)
+    # and is a memory like any other: merge takes it (its recorded base)
+    assert cli.main(["merge", "--adapter", str(composed), "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    assert cli.main([*argv[:3], "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err.strip() == "error: compose takes two or more memories: give --adapter for each"
+    assert cli.main([*argv[:-2], "--weight", "2", "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err.strip() == "error: give one --weight per --adapter (2 adapters, 1 weights)"

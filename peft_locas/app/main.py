@@ -11,11 +11,11 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from . import ask, chat, evaluate, memorize, merge
+from . import ask, chat, compose, evaluate, memorize, merge
 from .options import Parser, UsageError, one_line
 
 #: the command modules, in the order ``--help`` lists them; each has ``add_parser(commands)`` and ``run(args)``
-COMMANDS = (memorize, merge, evaluate, ask, chat)
+COMMANDS = (memorize, merge, evaluate, ask, chat, compose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
