@@ -61,6 +61,18 @@ def test_benchmark_smallest_mode(tmp_path, script, extra, keys):
         assert all(row["tokens/s"] > 0 for row in result["inference"])
 
 
+def test_compose_smallest_mode(tmp_path):
+    """Two memories composed keep each book's gain, exactly through the merge."""
+    out = tmp_path / "compose.json"
+    protocol = ["--tokens", "256", "--chunk", "64", "--context", "16", "--work", str(tmp_path / "work")]
+    run_benchmark("compose.py", "--out", str(out), *protocol)
+    rows = {row["book"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"pride_and_prejudice", "persuasion"}
+    for row in rows.values():
+        assert row["merged composed"] == pytest.approx(row["composed"], rel=1e-4)
+        assert row["own memory"] < row["base"]  # the tiny model learns its random text a little
+
+
 def test_book_ppl_and_forgetting_smallest_mode(tmp_path):
     """book_ppl runs every method once per book in its own process; a rerun reuses them; forgetting reuses the
     memories book_ppl trained (same protocol, same checkpoints)."""
@@ -171,6 +183,7 @@ def test_benchmarks_explain_themselves():
         "startup.py",
         "locomo.py",
         "recall_study.py",
+        "compose.py",
     ):
         done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "usage:" in done.stdout
