@@ -150,7 +150,7 @@ def docs_env(tmp_path_factory):
     marker = {"asset": assets.MODEL_NAME, "transformers_version": metadata.version("transformers")}
     (model / assets.MARKER).write_text(json.dumps(marker))
     (cache / "books").mkdir()
-    for book in ("emma", "pride_and_prejudice"):
+    for book in ("emma", "pride_and_prejudice", "persuasion"):
         (cache / "books" / f"{book}.txt").write_text(BOOK * 4, encoding="utf-8")
     hub = {name: str(_tiny_checkpoint(family, root / family)) for name, family in HUB_STAND_INS.items()}
     return SimpleNamespace(env={"PEFT_LOCAS_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}, hub=hub)
