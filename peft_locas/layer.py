@@ -14,6 +14,7 @@ from .blocks import BlockKind, Units
 from .config import LocasConfig
 from .initialization import auto_tau, data_free_memory
 from .memory import LocasMemory
+from .projections import projection_size
 
 
 class LocasLayer(nn.Module, BaseTunerLayer):
@@ -21,6 +22,10 @@ class LocasLayer(nn.Module, BaseTunerLayer):
 
     A memory uses the block's own activation, so it *is* ``r`` extra units of the block: `merge()` appends them
     to the block's projections and `unmerge()` drops them again, both exactly.
+
+    Like every PEFT tuner layer it exposes ``in_features`` and ``out_features`` (what PEFT's
+    ``_get_in_out_features`` reads): the sizes of the block's input and output (the hidden size for transformer MLP
+    blocks), which merging leaves unchanged.
     """
 
     adapter_layer_names = ("locas_memory",)
@@ -29,6 +34,10 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.block_kind = block_kind
+        block = self.get_base_layer()
+        # read from the layer sizes, not the weights: cheap for quantized and offloaded blocks
+        self.in_features = projection_size(block_kind.projections(block)[0])[1]
+        self.out_features = projection_size(block_kind.output_projection(block))[0]
         self.locas_memory = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -74,12 +83,13 @@ class LocasLayer(nn.Module, BaseTunerLayer):
     def forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any
     ) -> torch.Tensor:
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        self._check_forward_args(x, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
@@ -88,14 +98,30 @@ class LocasLayer(nn.Module, BaseTunerLayer):
                 result = result + self.memory_output(x, adapter_name).to(result.dtype)
         return result
 
+    def _check_forward_args(self, x: torch.Tensor, adapter_names: list[str] | None) -> None:
+        """Refuse a mixed batch PEFT's LoRA layers refuse, with their words (code in the ecosystem matches them).
+
+        Raises:
+            ValueError: ``adapter_names`` has not one entry per sample of ``x`` (dimension 0), or adapters are merged.
+        """
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            # the merged units would act on every sample, whichever adapter it names
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
     ) -> torch.Tensor:
-        """Each sample of the batch through the memory its entry of ``adapter_names`` names (``"__base__"``: none)."""
-        if self.merged:
-            raise ValueError("Cannot pass `adapter_names` while adapters are merged; call `unmerge_adapter()` first.")
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"`adapter_names` has {len(adapter_names)} entries for a batch of {x.shape[0]} samples.")
+        """Each sample of the batch through the memory its entry of ``adapter_names`` names (``"__base__"``, or an
+        adapter without a memory here: none)."""
         result = self.base_layer(x, *args, **kwargs)
         for adapter_name in set(adapter_names) & set(self.locas_memory):
             rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
+from functools import partial, wraps
+from typing import Any
 
 from peft import NoMatchingPeftModuleError
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import _hook
 from .blocks import BlockKind, find_block_kind, supported_layouts
 from .config import LocasConfig
-from .export import dequantize_base_model, make_block_widths_uniform
+from .export import check_pad_to_multiple_of, dequantize_base_model, make_block_widths_uniform
 from .initialization import check_cloning_width
 from .layer import LocasLayer
 from .projections import protect_layout_
@@ -122,24 +124,44 @@ class LocasModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: object, **kwargs: object) -> Iterator[None]:
-        """Let ``model(x, adapter_names=[...])`` route each sample through its own memory (PEFT's mixed batches)."""
+        """Route each sample of ``model(x, adapter_names=[...])`` or ``model.generate(x, adapter_names=[...])``
+        through the adapter its entry names (PEFT's mixed batches, as LoRA does them): that adapter's memories and
+        its copies of ``modules_to_save`` (an adapter without a copy of a module uses the original, as when it is
+        active); ``"__base__"`` names the base model. ``generate`` expands each prompt into
+        ``max(num_beams, num_return_sequences)`` rows (as transformers resolves them: call, then its
+        ``generation_config``, then the model's), so each name is repeated as many times, except in an encoder, which
+        reads the prompts themselves.
+
+        Raises:
+            ValueError: in training mode, or for a name that is no adapter (PEFT's texts). The layers raise PEFT's
+                errors for a length that is not the batch size and for merged adapters.
+            TypeError: ``adapter_names`` is not a list or tuple (PEFT's text).
+        """
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
             return
         if self.model.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
         unknown = sorted(set(adapter_names) - {"__base__"} - set(self.peft_config))
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
-        inject = partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+        batch = _MixedBatch(list(adapter_names))
+        encoder = _get_encoder(self.model)
+        in_encoder = set() if encoder is None else {id(m) for m in encoder.modules()}
         handles = [
-            m.register_forward_pre_hook(inject, with_kwargs=True)
+            m.register_forward_pre_hook(
+                partial(_adapter_names_pre_forward_hook, batch=batch, expand=id(m) not in in_encoder),
+                with_kwargs=True,
+            )
             for m in self.model.modules()
-            if isinstance(m, LocasLayer)
+            if isinstance(m, (LocasLayer, AuxiliaryTrainingWrapper))
         ]
         try:
-            yield
+            with _expanding_in_generate(self.model, batch):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -180,6 +202,7 @@ class LocasModel(BaseTuner):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
         dequantize: bool = False,
+        pad_to_multiple_of: int | None = None,
     ) -> nn.Module:
         """Merge the memories into the MLP blocks and return the plain transformers model (a vanilla checkpoint).
 
@@ -190,11 +213,39 @@ class LocasModel(BaseTuner):
             dequantize: first replace every quantized layer of the base model by a float layer, so that the merge is
                 exact and the result is a full-precision checkpoint. Without it, a quantized base stays quantized and
                 the appended units are re-quantized (a rounding error, warned about).
+            pad_to_multiple_of: append all-zero units so that the MLP intermediate size (the config's
+                ``intermediate_size``, or ``n_inner`` for GPT-2) is a multiple of this; the outputs stay the same
+                (a zero unit adds exactly 0). 256 makes the checkpoint quantize with every GGUF format: llama.cpp's
+                k-quants (Q4_K_M, ...) need the rows of ``ffn_down``, as long as the intermediate size, to be whole
+                256-wide blocks, and store them in F16 when they are not even whole 32-wide blocks. ``None`` (the
+                default) keeps the merged width, e.g. 1536 + r on SmolLM2-135M.
+
+        Raises:
+            ValueError: ``pad_to_multiple_of`` is not a positive integer, or is above 1 while the base model is
+                quantized and ``dequantize`` is False (growing quantized layers re-quantizes them, which can round
+                their weights); nothing has changed then.
         """
+        check_pad_to_multiple_of(pad_to_multiple_of)
+        if (pad_to_multiple_of or 1) > 1 and not dequantize:
+            quantized = [
+                name
+                for name, module, kind in iter_mlp_blocks(self.model)
+                if kind.is_quantized(module.get_base_layer() if isinstance(module, LocasLayer) else module)
+            ]
+            if quantized:
+                raise ValueError(
+                    f"pad_to_multiple_of={pad_to_multiple_of} pads a full-precision merge, but MLP blocks of this "
+                    f"model are quantized ({_summarise(quantized)}) and re-quantizing them to add units could round "
+                    "their weights. Pass dequantize=True too (the export for llama.cpp and vLLM), or leave "
+                    "pad_to_multiple_of out."
+                )
         if dequantize:
             dequantize_base_model(self.model)
         return self._unload_and_optionally_merge(
-            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+            progressbar=progressbar,
+            safe_merge=safe_merge,
+            adapter_names=adapter_names,
+            pad_to_multiple_of=pad_to_multiple_of,
         )
 
     def _unload_and_optionally_merge(
@@ -203,6 +254,7 @@ class LocasModel(BaseTuner):
         progressbar: bool = False,
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
+        pad_to_multiple_of: int | None = None,
     ) -> nn.Module:
         base_widths = {
             kind.width(module.get_base_layer() if isinstance(module, LocasLayer) else module)
@@ -218,12 +270,84 @@ class LocasModel(BaseTuner):
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         if merge:
-            make_block_widths_uniform(model, [(module, kind) for _, module, kind in iter_mlp_blocks(model)])
+            blocks = [(module, kind) for _, module, kind in iter_mlp_blocks(model)]
+            make_block_widths_uniform(model, blocks, multiple_of=pad_to_multiple_of or 1)
         return model
 
 
-def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
-    return args, {**kwargs, "adapter_names": adapter_names}
+class _MixedBatch:
+    """The adapter name of each input sample, and how many rows ``generate`` is expanding each sample into."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.rows_per_sample = 1
+
+    def names_per_row(self, expand: bool) -> list[str]:
+        if not expand or self.rows_per_sample == 1:
+            return self.names
+        # transformers expands with repeat_interleave: a sample's rows are consecutive (LoRA repeats names the same way)
+        return [name for name in self.names for _ in range(self.rows_per_sample)]
+
+
+def _adapter_names_pre_forward_hook(
+    module: nn.Module, args: tuple, kwargs: dict, batch: _MixedBatch, expand: bool
+) -> tuple[tuple, dict]:
+    names = batch.names_per_row(expand)
+    if isinstance(module, AuxiliaryTrainingWrapper):
+        # PEFT's wrapper fails on an adapter without its own copy; that adapter uses the original module when active
+        names = [name if name in module._adapters else "__base__" for name in names]
+    return args, {**kwargs, "adapter_names": names}
+
+
+@contextmanager
+def _expanding_in_generate(model: nn.Module, batch: _MixedBatch) -> Iterator[None]:
+    """Wrap ``model.generate`` for the duration (PeftModel calls it inside the forward hooks) so that the names follow
+    the rows it expands the prompts into. Only a ``generate`` call expands: a forward call keeps one name per row."""
+    generate = getattr(model, "generate", None)
+    if generate is None:
+        yield
+        return
+    own = model.__dict__.get("generate")
+
+    @wraps(generate)
+    def expanding_generate(*args: Any, **kwargs: Any) -> Any:
+        batch.rows_per_sample = _rows_per_prompt(model, kwargs)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            batch.rows_per_sample = 1
+
+    # an instance attribute, removed on exit, as PeftModel swaps `prepare_inputs_for_generation` during `generate`
+    model.generate = expanding_generate
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.generate
+        else:
+            model.generate = own
+
+
+def _rows_per_prompt(model: nn.Module, kwargs: dict) -> int:
+    """``max(num_beams, num_return_sequences)``, the rows transformers' ``generate`` expands each prompt into, each
+    setting taken from the call's arguments, else from its ``generation_config``, else from the model's."""
+    sources = (kwargs, kwargs.get("generation_config"), getattr(model, "generation_config", None))
+
+    def setting(name: str) -> int:
+        for source in sources:
+            value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+            if value is not None:
+                return int(value)
+        return 1
+
+    return max(setting("num_beams"), setting("num_return_sequences"))
+
+
+def _get_encoder(model: nn.Module) -> nn.Module | None:
+    """The encoder of an encoder-decoder model, else ``None`` (transformers 5 returns the model itself then)."""
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    return None if encoder is model else encoder
 
 
 def _is_target(config: LocasConfig, name: str) -> bool:

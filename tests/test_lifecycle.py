@@ -233,5 +233,5 @@ def test_mixed_adapter_batches():
     with pytest.raises(ValueError, match="non-existing adapter\\(s\\): nope"):
         model(x, adapter_names=["nope", "default", "default"])
     model.merge_adapter()
-    with pytest.raises(ValueError, match="while adapters are merged"):
+    with pytest.raises(ValueError, match="when there are merged adapters"):
         model(x, adapter_names=["default"] * 3)
