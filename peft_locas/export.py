@@ -2,7 +2,10 @@
 
 A transformers config has one intermediate size for all layers, but after merging, each block is as wide as its
 base width plus the memory units merged into it. Blocks narrower than the widest one are padded with all-zero units
-(zero gate/key rows and zero output vectors), which contribute exactly zero, and the config is updated.
+(zero gate/key rows and zero output vectors), which contribute exactly zero, and the config is updated. The same zero
+units can round the common width up to a multiple of a quantizer's block (``pad_to_multiple_of``): llama.cpp's
+k-quants need every row of ``ffn_down``, which is as long as the intermediate size, to be a whole number of 256-wide
+blocks, and its other formats a whole number of 32-wide ones.
 """
 
 from __future__ import annotations
@@ -15,12 +18,36 @@ from .blocks import BlockKind, zero_units
 from .projections import is_quantized, to_float_projection
 
 
-def make_block_widths_uniform(model: nn.Module, blocks: Sequence[tuple[nn.Module, BlockKind]]) -> int:
-    """Pad every block to the widest one with zero units, record that width in the config, and return it."""
+def check_pad_to_multiple_of(value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``None`` (no padding) or a positive ``int``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"pad_to_multiple_of must be a positive integer or None, got {value!r}: use 256 for a checkpoint that "
+            "every GGUF format (k-quants included) quantizes, or None to keep the merged width."
+        )
+
+
+def padded_width(width: int, multiple_of: int) -> int:
+    """``width`` rounded up to a multiple of ``multiple_of`` (>= 1)."""
+    return -(-width // multiple_of) * multiple_of
+
+
+def make_block_widths_uniform(
+    model: nn.Module, blocks: Sequence[tuple[nn.Module, BlockKind]], multiple_of: int = 1
+) -> int:
+    """Pad every block with zero units to the widest one's width, rounded up to a multiple of ``multiple_of``, record
+    that width in the config, and return it (0 without blocks).
+
+    A zero unit adds exactly 0 to the block's output whatever its activation: its output vector is zero (GLU units
+    also have zero gate and up rows; two-layer MLP units a zero input row and zero bias, so ``act(0)`` may be non-zero
+    but is multiplied by the zero output vector). Growing a quantized block re-quantizes it, which can round its
+    weights (bitsandbytes' double quantization does), so `LocasModel.merge_and_unload` pads to a multiple only
+    full-precision blocks.
+    """
     if not blocks:
         return 0
     widths = [kind.width(block) for block, kind in blocks]
-    target = max(widths)
+    target = padded_width(max(widths), multiple_of)
     for (block, kind), width in zip(blocks, widths, strict=True):
         if width < target:
             kind.append_units(block, zero_units(kind.read_units(block), target - width))
