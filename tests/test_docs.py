@@ -348,6 +348,22 @@ def test_every_public_name_is_in_the_api_reference():
     assert not missing, f"peft-locas commands without a help section in docs/reference/cli.md: {sorted(missing)}"
 
 
+def test_cli_reference_holds_every_option():
+    """docs/reference/cli.md carries each command's help text inline (it reads on GitHub); every option of every
+    command is in its section, so the committed copy cannot fall behind the parsers."""
+    from peft_locas import cli
+
+    page = (DOCS / "reference" / "cli.md").read_text(encoding="utf-8")
+    sections = dict(re.findall(r"<!-- cli-help: *(\w*) *-->\n(.*?)<!-- cli-help-end -->", page, flags=re.S))
+    subcommands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in subcommands.choices.items():
+        if name == "assets":  # its own parser, outside build_parser's options
+            continue
+        options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        missing = [o for o in options if o not in sections.get(name, "")]
+        assert not missing, f"docs/reference/cli.md lacks {name} {missing}: run `python docs/hooks/docs_hooks.py`"
+
+
 def _message_templates() -> list[str]:
     """Every string literal of the package, f-string fields as ``…`` (implicit concatenations joined)."""
     templates = []

@@ -20,7 +20,7 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if "default" in help_text or action.required:
+        if "default" in help_text or action.required or action.default is None:  # None: nothing worth showing
             return help_text
         return super()._get_help_string(action)
 
