@@ -11,7 +11,8 @@ import pytest
 import torch
 import transformers as tf
 from peft import get_peft_model
-from tiny_checkpoint import sample_text, tiny_tokenizer
+from tiny_checkpoint import sample_text, stopping_llama, tiny_tokenizer
+from tiny_checkpoint import tiny_llama as llama
 from transformers.cache_utils import DynamicLayer
 
 from peft_locas import LocasConfig
@@ -65,34 +66,6 @@ def conversation(words: int = 300) -> str:
     """A LoCoMo-like context: one ``Speaker: text`` line per turn."""
     sentences = sample_text(words).replace(". ", ".\n").splitlines()
     return "".join(f"{('Alice', 'Bob')[i % 2]}: {s}\n" for i, s in enumerate(sentences))
-
-
-def llama(tokenizer, seed: int = 0, positions: int = 2048, init: float = 0.02) -> tf.LlamaForCausalLM:
-    eos = tokenizer.eos_token_id
-    config = tf.LlamaConfig(
-        initializer_range=init,
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=positions,
-        eos_token_id=eos,
-        bos_token_id=eos,
-        pad_token_id=eos,
-    )
-    torch.manual_seed(seed)
-    return tf.LlamaForCausalLM(config).eval()
-
-
-def stopping_llama(tokenizer) -> tf.LlamaForCausalLM:
-    """A tiny Llama whose answers depend on the question (larger initial weights) and stop at different steps: its
-    end-of-sequence logit is 1.2 times a common token's, so it ends an answer where that token would come."""
-    model = llama(tokenizer, init=0.2)
-    with torch.no_grad():
-        model.lm_head.weight[tokenizer.eos_token_id] = 1.2 * model.lm_head.weight[270]
-    return model
 
 
 def greedy_reference(model, prompt_ids: torch.Tensor, limit: int, eos: list[int]) -> list[int]:

@@ -9,10 +9,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
-import transformers as tf
 from peft import PeftModel
-from tiny_checkpoint import make_checkpoint, tiny_tokenizer
+from tiny_checkpoint import make_checkpoint, stopping_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_locas import cli
@@ -49,27 +47,10 @@ def memorised(run):
 
 
 def answering_checkpoint(folder: os.PathLike) -> os.PathLike:
-    """A tiny Llama with the tiny tokenizer whose greedy answers depend on the question (larger initial weights) and
-    end at different steps (its end-of-sequence logit is 1.2 times a common token's)."""
+    """`stopping_llama` saved with its tokenizer: greedy answers that depend on the question and end at different
+    steps."""
     tokenizer = tiny_tokenizer()
-    eos = tokenizer.eos_token_id
-    config = tf.LlamaConfig(
-        initializer_range=0.2,
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=eos,
-        bos_token_id=eos,
-        pad_token_id=eos,
-    )
-    torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight[eos] = 1.2 * model.lm_head.weight[270]
-    model.save_pretrained(folder)
+    stopping_llama(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -10,10 +10,10 @@ import re
 
 import pytest
 import torch
-import transformers as tf
 from peft import get_peft_model
 from peft.utils import get_peft_model_state_dict
 from tiny_checkpoint import make_checkpoint, sample_text, tiny_tokenizer
+from tiny_checkpoint import tiny_llama as llama
 
 from peft_locas import LocasConfig, cli
 from peft_locas.checkpointing import CheckpointError
@@ -63,23 +63,6 @@ def chat_tokenizer():
 @pytest.fixture(params=["plain", "chat"])
 def tokenizer(request, plain_tokenizer, chat_tokenizer):
     return plain_tokenizer if request.param == "plain" else chat_tokenizer
-
-
-def llama(tokenizer, seed: int = 0) -> tf.LlamaForCausalLM:
-    eos = tokenizer.eos_token_id
-    config = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=eos,
-        bos_token_id=eos,
-        pad_token_id=eos,
-    )
-    torch.manual_seed(seed)
-    return tf.LlamaForCausalLM(config).eval()
 
 
 def text(words: int = 140) -> str:

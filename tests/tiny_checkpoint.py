@@ -56,3 +56,33 @@ def make_checkpoint(folder: Path, hidden: int = 64, layers: int = 2, seed: int =
     tf.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_llama(tokenizer, seed: int = 0, positions: int = 2048, init: float = 0.02) -> tf.LlamaForCausalLM:
+    """A seeded tiny Llama (eval mode) over ``tokenizer``'s vocabulary, ``positions`` positions, weights drawn with
+    standard deviation ``init``."""
+    eos = tokenizer.eos_token_id
+    config = tf.LlamaConfig(
+        initializer_range=init,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+        eos_token_id=eos,
+        bos_token_id=eos,
+        pad_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def stopping_llama(tokenizer) -> tf.LlamaForCausalLM:
+    """A tiny Llama whose answers depend on the question (larger initial weights) and stop at different steps: its
+    end-of-sequence logit is 1.2 times a common token's, so it ends an answer where that token would come."""
+    model = tiny_llama(tokenizer, init=0.2)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = 1.2 * model.lm_head.weight[270]
+    return model
