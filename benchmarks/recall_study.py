@@ -4,7 +4,10 @@ The instrument is the recall probe (`recall_probe.py`): a generated conversation
 question per fact. Every setting memorises the same conversation into a fresh memory; every question is then asked
 with **no dialogue in the prompt**, and the gold answer's mean log-likelihood per token (teacher-forced, natural log)
 is compared with the base model's on the same question: the paired difference (mean and standard error over the
-questions) and the share of questions whose gold answer became more likely. Prequential perplexity of the dialogue is
+questions) and the share of questions whose gold answer became more likely. The control asks whether that gain is
+*specific*: the same question scored with another fact's answer (the next question's, cyclically), whose gain is
+subtracted per question (``specific_gain``); a memory that only makes the text's names and numbers likelier raises
+both alike. Prequential perplexity of the dialogue is
 reported beside it, because the two can move apart (a memory can absorb a text's style without its facts).
 
     python benchmarks/recall_study.py --settings ntp,distill --facts 20 --tokens 4000
@@ -44,11 +47,26 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def gold_logprobs(asker: Asker, questions: list[Any]) -> list[float]:
-    """Mean log-likelihood per token of each gold answer after its question."""
+COLUMNS = [
+    "setting",
+    "perplexity",
+    "paired_gain",
+    "paired_gain_stderr",
+    "share_up",
+    "other_answer_gain",
+    "specific_gain",
+    "specific_gain_stderr",
+    "seconds",
+]
+
+
+def gold_logprobs(asker: Asker, questions: list[Any], shift: int = 0) -> list[float]:
+    """Mean log-likelihood per token of each gold answer after its question; with ``shift`` k, of the answer of the
+    question k places later (cyclically): the control, an answer the text holds but not to this question."""
     values = []
-    for question in questions:
-        total, count = asker.answer_logprob(question.question, str(question.answer))
+    for index, question in enumerate(questions):
+        answer = questions[(index + shift) % len(questions)].answer
+        total, count = asker.answer_logprob(question.question, str(answer))
         values.append(total / count)
     return values
 
@@ -61,11 +79,16 @@ def run_setting(name: str, base, tokenizer, conversation, args: argparse.Namespa
     result = memorize(copy.deepcopy(base), tokenizer, conversation, config, peft_config=peft_config)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     asker = Asker(result.model, tokenizer)
-    memory = gold_logprobs(asker, conversation.questions)
+    memory, memory_other = gold_logprobs(asker, conversation.questions), gold_logprobs(asker, conversation.questions, 1)
     with result.model.disable_adapter():
-        bare = gold_logprobs(asker, conversation.questions)
+        bare, bare_other = gold_logprobs(asker, conversation.questions), gold_logprobs(asker, conversation.questions, 1)
     diffs = [m - b for m, b in zip(memory, bare, strict=True)]
     mean, stderr = mean_with_stderr(diffs)
+    # the control: does the memory raise the right answer more than another fact's answer to the same question?
+    other = [m - b for m, b in zip(memory_other, bare_other, strict=True)]
+    specific = [d - o for d, o in zip(diffs, other, strict=True)]
+    other_mean, other_stderr = mean_with_stderr(other)
+    specific_mean, specific_stderr = mean_with_stderr(specific)
     return {
         "setting": name,
         "adapter": adapter,
@@ -76,7 +99,13 @@ def run_setting(name: str, base, tokenizer, conversation, args: argparse.Namespa
         "paired_gain": mean,
         "paired_gain_stderr": stderr,
         "share_up": sum(d > 0 for d in diffs) / len(diffs),
+        "other_answer_gain": other_mean,
+        "other_answer_gain_stderr": other_stderr,
+        "specific_gain": specific_mean,
+        "specific_gain_stderr": specific_stderr,
+        "share_specific": sum(d > 0 for d in specific) / len(specific),
         "per_question": diffs,
+        "per_question_other": other,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
     }
@@ -104,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.settings.split(","):
         torch.manual_seed(args.seed)
         rows.append(run_setting(name, base, tokenizer, conversation, args))
-        print_table(rows[-1:], ["setting", "perplexity", "paired_gain", "paired_gain_stderr", "share_up", "seconds"])
-    print_table(rows, ["setting", "perplexity", "paired_gain", "paired_gain_stderr", "share_up", "seconds"])
+        print_table(rows[-1:], COLUMNS)
+    print_table(rows, COLUMNS)
     path = write_results("recall_study", args, {"rows": rows, "questions": len(conversation.questions)})
     print(f"results: {path}")
     return 0
