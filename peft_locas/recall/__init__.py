@@ -3,6 +3,7 @@
 - `peft_locas.recall.dialogue`: conversations (LoCoMo JSON, a turns JSONL form) and their one rendered text.
 - `peft_locas.recall.asking`: `Asker`, questions to a (memorised) model over a shared, prefilled context.
 - `peft_locas.recall.metrics`: LoCoMo's official token F1 and standard errors.
+- `peft_locas.recall.serving`: `ask_memories`, many memories answering in one batch (per-row ``adapter_names``).
 """
 
 import importlib
@@ -27,6 +28,7 @@ _EXPORTS = {
         ".dialogue",
     ),
     **dict.fromkeys(("CATEGORIES", "locomo_f1", "mean_with_stderr", "token_f1"), ".metrics"),
+    "ask_memories": ".serving",
 }
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "Session",
     "Turn",
     "TurnSpan",
+    "ask_memories",
     "fit_context",
     "load_conversation",
     "locomo_f1",
