@@ -296,3 +296,29 @@ def test_compose_two_memories(files, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: compose takes two or more memories: give --adapter for each"
     assert cli.main([*argv[:-2], "--weight", "2", "--out", str(tmp_path / "x")]) == 1
     assert capsys.readouterr().err.strip() == "error: give one --weight per --adapter (2 adapters, 1 weights)"
+
+
+def test_ask_several_memories_at_once(files, tmp_path, capsys):
+    a, b = files["texts"] / "a.txt", files["texts"] / "b.md"
+    base = ["memorize", "--model", str(files["main"]), *RUN, *R, "--no-checkpoint", "--max-tokens", "128"]
+    for text, out in ((a, "one"), (b, "two")):
+        assert cli.main([*base, "--text", str(text), "--out", str(tmp_path / out)]) == 0
+    capsys.readouterr()
+    asking = ["ask", "--question", "Who ran?", "--question", "Where is the key?", "--max-new-tokens", "4"]
+    memories = ["--memory", str(tmp_path / "one"), "--memory", str(tmp_path / "two")]
+    assert cli.main([*asking, *memories, "--no-chat-template"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["question"], Path(line["memory"]).name) for line in lines] == [
+        ("Who ran?", "one"),
+        ("Who ran?", "two"),
+        ("Where is the key?", "one"),
+        ("Where is the key?", "two"),
+    ]
+    for line in lines:  # each the answer that memory gives alone
+        alone = ["ask", "--adapter", line["memory"], "--question", line["question"], "--max-new-tokens", "4"]
+        assert cli.main([*alone, "--no-chat-template"]) == 0
+        assert json.loads(capsys.readouterr().out)["answer"] == line["answer"]
+    assert cli.main([*asking, *memories, "--adapter", str(tmp_path / "one")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: --memory and --adapter exclude each other: give every memory with --memory"
+    )

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from .context import add_asking_options, load_asker
+from .context import add_asking_options, check_context, context_text, load_asker
+from .inputs import adapter_config, model_dir
 from .options import UsageError, positive_int
 
 
@@ -30,6 +31,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=8,
         help="questions answered together (same answers as one by one; each holds a copy of the context's KV cache)",
+    )
+    parser.add_argument(
+        "--memory",
+        action="append",
+        type=Path,
+        default=None,
+        help="instead of --adapter: ask every question of each of these memories (repeatable), served together "
+        "from one base model; each line names its memory",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here instead of stdout")
     parser.set_defaults(run=run)
@@ -50,16 +59,22 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("an empty question: every --question and every line of --questions needs text")
     if args.out is not None and args.out.is_dir():
         raise UsageError(f"--out {args.out} is a folder: give a file path for the JSON lines")
-    asker = load_asker(args)
+    if args.memory is None:
+        asker, memories = load_asker(args), [None]
+    else:
+        asker, memories = load_memories(args)
+    rows = [(memory, question) for question in questions for memory in memories]
 
     from ..recall.metrics import locomo_f1, token_f1
 
     lines = []
-    for first in range(0, len(questions), args.batch_size):  # one batch at a time: stdout shows progress
-        batch = questions[first : first + args.batch_size]
-        answers = asker.ask_many([question.question for question in batch], batch_size=args.batch_size)
-        for question, answer in zip(batch, answers, strict=True):
+    for first in range(0, len(rows), args.batch_size):  # one batch at a time: stdout shows progress
+        batch = rows[first : first + args.batch_size]
+        answers = _answers(asker, batch, args.batch_size)
+        for (memory, question), answer in zip(batch, answers, strict=True):
             line = {"question": question.question, "answer": answer.text}
+            if memory is not None:
+                line["memory"] = str(args.memory[memory])
             if question.category is not None:
                 line["category"] = question.category
             gold = question.answer if question.answer is not None else question.extra.get("adversarial_answer")
@@ -79,6 +94,52 @@ def run(args: argparse.Namespace) -> int:
         _write_atomic(args.out, "".join(f"{line}\n" for line in lines))
         print(f"{len(lines)} answers: {args.out}", file=sys.stderr)
     return 0
+
+
+def load_memories(args: argparse.Namespace):
+    """The base model with every ``--memory`` loaded (adapters ``memory_0``, ``memory_1``, ...) and its `Asker`."""
+    if args.adapter is not None:
+        raise UsageError("--memory and --adapter exclude each other: give every memory with --memory")
+    if args.context_tokens is not None:
+        raise UsageError("--context-tokens takes the text one adapter memorised; with --memory give --context FILE")
+    check_context(args)
+    for memory in args.memory:
+        adapter_config(memory)
+    folder = model_dir(args.model, args.memory[0])
+    for memory in args.memory[1:]:
+        model_dir(folder, memory)  # every memory's recorded base must be this one
+
+    from peft import PeftModel
+
+    from ..recall.asking import Asker, max_positions
+    from .loading import check_adapter_fits, load
+
+    model, tokenizer, _ = load(folder, args)
+    for memory in args.memory:
+        check_adapter_fits(model, memory)
+    model = PeftModel.from_pretrained(model, args.memory[0], adapter_name="memory_0")
+    for index, memory in enumerate(args.memory[1:], start=1):
+        model.load_adapter(memory, adapter_name=f"memory_{index}")
+    context = context_text(args, tokenizer, max_positions(model))
+    asker = Asker(
+        model,
+        tokenizer,
+        context,
+        system_prompt=args.system,
+        use_chat_template=False if args.no_chat_template else None,
+        max_new_tokens=args.max_new_tokens,
+    )
+    return asker, list(range(len(args.memory)))
+
+
+def _answers(asker, batch: list, batch_size: int) -> list:
+    """One batch's answers: `Asker.ask_many` with one model, `ask_memories` when rows name memories."""
+    if batch[0][0] is None:
+        return asker.ask_many([question.question for _, question in batch], batch_size=batch_size)
+    from ..recall.serving import ask_memories
+
+    requests = [(f"memory_{memory}", question.question) for memory, question in batch]
+    return ask_memories(asker, requests, batch_size=batch_size)
 
 
 def _write_atomic(path: Path, text: str) -> None:
