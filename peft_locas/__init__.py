@@ -2,7 +2,9 @@
 
 Importing this package makes ``LOCAS`` a PEFT method as soon as PEFT is imported (at once, if it already is), so
 ``get_peft_model``, ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and ``AutoPeftModel*`` handle Locas
-adapters like any built-in method. The package itself imports lazily: ``import peft_locas`` loads neither torch nor
+adapters like any built-in method. Where peft-locas is installed, processes that never import it get the same: its
+``peft_locas_autoload.pth`` file hands over to this package when PEFT is imported (``PEFT_LOCAS_NO_AUTOLOAD=1`` turns
+that off; see `peft_locas._hook`). The package itself imports lazily: ``import peft_locas`` loads neither torch nor
 PEFT; each public name below is imported on first use (after registering LOCAS), as transformers does for its own.
 """
 

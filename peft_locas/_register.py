@@ -1,14 +1,17 @@
-"""Importing this module registers the LOCAS PEFT type (and bitsandbytes layer support) with PEFT; it runs once.
+"""Importing this module registers the LOCAS PEFT type (and bitsandbytes layer support) with PEFT, and makes the model
+card of a saved Locas adapter say what loading it needs (`peft_locas.model_card`); it runs once.
 
 Kept apart from ``peft_locas/__init__.py`` so that importing the package stays cheap (no torch, no PEFT): `_hook`
 imports this module as soon as PEFT is imported, and every public name of the package imports it first.
 """
 
+from . import model_card
 from .config import LocasConfig
 from .model import LocasModel
 from .registration import register_locas
 
 register_locas(LocasConfig, LocasModel)
+model_card.install()
 
 try:  # quantized bases: registers bitsandbytes layers with peft_locas.projections
     from . import bnb as _bnb  # noqa: F401

@@ -53,8 +53,15 @@ def test_benchmark_smallest_mode(tmp_path, script, extra, keys):
         assert all(0 < loss < 10 for loss in losses.values())  # a random model over 256 tokens: about ln 256 = 5.5
     elif script == "startup.py":
         rows = {row["command"]: row for row in result["rows"]}
-        assert {"peft-locas --help", "import peft_locas", "python -c pass"} <= set(rows)
+        assert {"peft-locas --help", "import peft_locas", "python -c pass", "import peft (autoload off)"} <= set(rows)
         assert all(row["wall_s"] > 0 and row["vs_bare_python"] > 0 for row in rows.values())
+        autoload = {row["command"]: row for row in result["autoload"]}  # the .pth hook on against off
+        assert set(autoload) == {"python -c pass", "import peft"}
+        for name, row in autoload.items():
+            assert row["wall_ratio"] == pytest.approx(row["wall_on_s"] / row["wall_off_s"])
+            assert row["cpu_ratio"] == pytest.approx(row["cpu_on_s"] / row["cpu_off_s"])
+            off = rows[f"{name} (autoload off)"]
+            assert (row["wall_on_s"], row["wall_off_s"]) == (rows[name]["wall_s"], off["wall_s"])
     else:
         variants = [row["variant"] for row in result["inference"]]
         assert variants == ["base", "locas r=16", "locas r=64", "locas r=256", "locas r=64 merged", "lora r=64"]
