@@ -509,9 +509,10 @@ def prepare_all(cache_dir: str | os.PathLike[str] | None = None, progress: Progr
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m peft_locas.assets [--cache-dir DIR] [--only model|books|mmlu]``."""
-    parser = argparse.ArgumentParser(prog="python -m peft_locas.assets", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m peft_locas.assets") -> int:
+    """Command line: ``python -m peft_locas.assets [--cache-dir DIR] [--only model|books|mmlu]`` (also
+    ``peft-locas assets``, which passes its own ``prog``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None, help="default: $PEFT_LOCAS_CACHE or ~/.cache/peft-locas")
     parser.add_argument("--only", choices=("model", "books", "mmlu"), default=None)
     args = parser.parse_args(argv)

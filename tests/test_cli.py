@@ -90,7 +90,7 @@ def test_memorize_merge_eval_end_to_end(files, tmp_path):
 
     scored = command(*console_script(), "eval", *common, "--adapter", str(out), *RUN)
     assert scored.returncode == 0, scored.stderr[-3000:]
-    assert "with adapter" in scored.stdout and "without memory" in scored.stdout
+    assert "with adapter" in scored.stdout and "without adapter" in scored.stdout
 
 
 def error_of(capsys, argv) -> tuple[int, str]:
@@ -195,9 +195,9 @@ def test_a_checkpoint_of_another_run_is_refused(files, tmp_path, capsys):
 
 def test_assets_command_passes_its_arguments_on(monkeypatch):
     seen = []
-    monkeypatch.setattr(assets, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(assets, "main", lambda argv, prog: seen.append((argv, prog)) or 0)
     assert cli.main(["assets", "--only", "books", "--cache-dir", "/somewhere"]) == 0
-    assert seen == [["--only", "books", "--cache-dir", "/somewhere"]]
+    assert seen == [(["--only", "books", "--cache-dir", "/somewhere"], "peft-locas assets")]
 
 
 def test_merge_keeps_the_base_dtype_and_warns_on_a_needless_dequantize(files, tmp_path, capsys):

@@ -72,8 +72,14 @@ def losses(folder: Path) -> list[float]:
     return json.loads((folder / "memorize_results.json").read_text())["result"]["losses"]
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name)
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
 
 
 def test_a_full_disk_or_a_crash_while_memorizing_loses_at_most_one_chunk(files, tmp_path, capsys):
@@ -125,12 +131,26 @@ def test_merge_writes_all_or_nothing(files, tmp_path, capsys):
     assert killed.returncode == -9 and not merged.exists()
     assert len(leftovers(tmp_path)) == 1  # the killed process's temporary folder: the next write removes it
 
-    # --overwrite replaces the files merge writes and leaves the user's others alone
+    # --overwrite replaces a model or adapter folder whole (no file of the old output stays), readable by others
     merged.mkdir()
     (merged / "notes.txt").write_text("mine")
-    (merged / "model.safetensors").write_text("stale")
+    (merged / "adapter_config.json").write_text("{}")  # an old adapter: without the swap, transformers would see it
     assert cli.main(["merge", "--adapter", str(adapter), "--out", str(merged), "--overwrite"]) == 0
-    assert (merged / "notes.txt").read_text() == "mine" and (merged / "model.safetensors").stat().st_size > 100
+    assert sorted(p.name for p in merged.iterdir() if p.suffix in (".txt", ".json") and "token" not in p.name) == [
+        "config.json",
+        "generation_config.json",
+    ]
+    assert (merged / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    capsys.readouterr()
+    for out, message in (
+        (adapter, f"error: --out {adapter} is also an input of this command: write the result to another folder"),
+        (tmp_path / "own", f"error: --out {tmp_path / 'own'} is not a model or adapter folder (no adapter_config.json"),
+    ):
+        (tmp_path / "own").mkdir(exist_ok=True)
+        (tmp_path / "own" / "thesis.tex").write_text("years of work")
+        assert cli.main(["merge", "--adapter", str(adapter), "--out", str(out), "--overwrite"]) == 1
+        assert capsys.readouterr().err.strip().startswith(message)
+    assert (tmp_path / "own" / "thesis.tex").read_text() == "years of work"
     assert leftovers(tmp_path) == []
 
 
@@ -208,7 +228,7 @@ def test_continue_a_memory_and_refuse_another_base(files, tmp_path, capsys):
 
     capsys.readouterr()
     assert cli.main([*base, "--adapter", str(first), "--r", "4", "--text", str(b), "--out", str(tmp_path / "c")]) == 1
-    assert capsys.readouterr().err.strip() == f"error: --r describe a new memory; --adapter continues {first} as it is"
+    assert capsys.readouterr().err.strip() == f"error: --r describes a new memory; --adapter continues {first} as it is"
     # a base of the same shape with other weights: refused before it loads, in every command
     for argv in (
         ["eval", "--text", str(b), "--adapter", str(first)],

@@ -31,7 +31,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_out(args.out, args.overwrite)
+    check_out(args.out, args.overwrite, (*args.adapter, args.model))
     check_writable(args.out)
     if len(args.adapter) < 2:
         raise UsageError("compose takes two or more memories: give --adapter for each")

@@ -55,5 +55,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if ranks.is_main:
         measure = f"perplexity, {args.context_tokens}-token prefix"  # nothing trained: not prequential
-        print(summary_table(result, with_label="with adapter" if args.adapter else "model", measure=measure))
+        print(
+            summary_table(
+                result, with_label="with adapter" if args.adapter else "model", measure=measure, without="adapter"
+            )
+        )
     return 0

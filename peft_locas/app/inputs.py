@@ -129,9 +129,10 @@ def _model_dir(path: Path | None, adapter: Path | None) -> Path:
             raise UsageError("the default model is not prepared: run `peft-locas assets`, or pass --model FOLDER")
         return folder
     if not (path / "config.json").is_file():
+        what = f"{path} has no config.json" if path.is_dir() else f"model folder {path} not found"
         raise UsageError(
-            f"model folder {path} not found (no config.json there): --model takes a local folder, models are never "
-            "downloaded; `peft-locas assets` prepares the default one"
+            f"{what}: --model takes a local model folder, models are never downloaded; `peft-locas assets` prepares "
+            "the default one"
         )
     return path
 
@@ -166,11 +167,26 @@ def recorded_base(adapter: Path) -> Path | None:
     return folder if folder is not None and (folder / "config.json").is_file() else None
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+#: files whose presence marks a folder as an output of ours (or a model/adapter folder), which --overwrite replaces
+_OUTPUT_MARKERS = ("adapter_config.json", "config.json", RESULTS_FILE)
+
+
+def check_out(out: Path, overwrite: bool, inputs: tuple[Path | None, ...] = ()) -> None:
+    """Refuse an ``--out`` that is a file, is one of the command's ``inputs``, or is a non-empty folder without
+    ``--overwrite``; ``--overwrite`` replaces only a folder that holds an output (a model or adapter folder)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--out {out} exists and is not empty: pass --overwrite to write into it, or choose another")
+    for source in inputs:
+        if source is not None and out.resolve() == source.resolve():
+            raise UsageError(f"--out {out} is also an input of this command: write the result to another folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"--out {out} exists and is not empty: pass --overwrite to replace it, or choose another")
+        if not any((out / marker).is_file() for marker in _OUTPUT_MARKERS):
+            raise UsageError(
+                f"--out {out} is not a model or adapter folder (no {', '.join(_OUTPUT_MARKERS)}): --overwrite replaces "
+                "only those; choose another --out"
+            )
 
 
 def adapter_config(adapter: Path) -> Any:

@@ -10,6 +10,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import ask, chat, compose, evaluate, memorize, merge
 from .options import Parser, UsageError, one_line
@@ -24,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["assets"]:  # its own parser (python -m peft_locas.assets), arguments passed on as they are
         from .. import assets
 
-        return assets.main(argv[1:])
+        return assets.main(argv[1:], prog="peft-locas assets")
     args = build_parser().parse_args(argv)
     # transformers deprecation noise that PEFT triggers on every get_peft_model; nothing a user can act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -34,11 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        hint = (
-            "; rerun the same command to resume from the last checkpoint"
-            if getattr(args, "checkpoint_dir", None)
-            else ""
-        )
+        checkpoints = getattr(args, "checkpoint_dir", None)
+        saved = checkpoints is not None and any(Path(checkpoints).glob("chunk-*"))
+        hint = "; rerun the same command to resume from the last checkpoint" if saved else ""
         print(f"error: interrupted{hint}", file=sys.stderr)
         return 130
     finally:

@@ -114,10 +114,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_out(args.out, args.overwrite)
+    check_out(args.out, args.overwrite, (args.adapter, args.model))
     check_writable(args.out)
     sources = read_sources(args.text, args.sample, args.encoding)
     continued = _continued(args)
+    if args.adapter_type == "lora" and args.init is not None:
+        raise UsageError("--init chooses how a Locas memory starts; LoRA adapters start as LoRA does: drop --init")
     folder = model_dir(args.model, args.adapter)
     default_checkpoints = args.checkpoint_dir is None and not args.no_checkpoint
     if args.no_checkpoint and args.checkpoint_dir is not None:
@@ -208,7 +210,8 @@ def _continued(args: argparse.Namespace) -> tuple[str, int] | None:
     options = (("--adapter-type", args.adapter_type), ("--r", args.r), ("--init", args.init))
     given = [flag for flag, value in options if value is not None]
     if given:
-        raise UsageError(f"{', '.join(given)} describe a new memory; --adapter continues {args.adapter} as it is")
+        verb = "describes" if len(given) == 1 else "describe"
+        raise UsageError(f"{', '.join(given)} {verb} a new memory; --adapter continues {args.adapter} as it is")
     config = adapter_config(args.adapter)
     kind = type(config).__name__
     if kind not in ("LocasConfig", "LoraConfig"):
@@ -251,16 +254,19 @@ def _sources_record(sources: list[Source], label: str) -> dict[str, Any]:
     return {**single, "text": label, "texts": texts}
 
 
-def summary_table(result: Any, with_label: str = "with memory", measure: str = "prequential perplexity") -> str:
+def summary_table(
+    result: Any, with_label: str = "with memory", measure: str = "prequential perplexity", without: str = "memory"
+) -> str:
     """The run's perplexities (with and, when recorded, without the adapter) and costs, as an aligned text table.
 
     Args:
         result: a `MemorizeResult`.
         with_label: the heading of the adapter's column.
+        without: what the baseline column lacks ("memory", or "adapter" for eval).
         measure: what the first row measured: memorize's losses are prequential (each chunk scored before training
             on it); eval's are a plain chunked perplexity.
     """
-    rows = [("", with_label, "without memory" if result.baseline_losses is not None else "")]
+    rows = [("", with_label, f"without {without}" if result.baseline_losses is not None else "")]
     rows.append((measure, f"{result.perplexity:.3f}", _fmt(result.baseline_perplexity)))
     rows.append(
         ("mean chunk perplexity", f"{result.mean_chunk_perplexity:.3f}", _fmt(result.baseline_mean_chunk_perplexity))

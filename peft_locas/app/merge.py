@@ -36,7 +36,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_out(args.out, args.overwrite)
+    check_out(args.out, args.overwrite, (args.adapter, args.model))
     check_writable(args.out)
     config = adapter_config(args.adapter)
     folder = model_dir(args.model, args.adapter)

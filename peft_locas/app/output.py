@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,7 +32,10 @@ def check_writable(out: Path, flag: str = "--out") -> None:
 def check_space(out: Path, needed: int, flag: str = "--out") -> None:
     """Refuse, before any work, an ``out`` on a device with less than ``needed`` bytes free. Raises `UsageError`."""
     parent = _existing_parent(out)
-    free = shutil.disk_usage(parent).free
+    usage = shutil.disk_usage(parent)
+    if usage.total == 0:  # /proc, /sys: a virtual file system holds no files
+        raise UsageError(f"cannot write {flag} {out}: {parent} is a virtual file system; choose another {flag}")
+    free = usage.free
     if free < needed:
         raise UsageError(
             f"not enough space for {flag} {out}: it needs about {_size(needed)}, {parent} has {_size(free)} free; "
@@ -41,9 +45,9 @@ def check_space(out: Path, needed: int, flag: str = "--out") -> None:
 
 @contextlib.contextmanager
 def atomic_folder(out: Path, needed: int | None = None, flag: str = "--out") -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``out`` to write the outputs into; on success its files move into
-    ``out`` (the folder is renamed when ``out`` does not exist yet, else each file replaces its namesake, leaving
-    other files there alone), and on any failure the temporary folder is removed and ``out`` is left as it was.
+    """Yield an empty temporary folder beside ``out`` to write the outputs into; on success it becomes ``out`` (an
+    existing ``out``, which ``--overwrite`` allowed, is replaced whole, so no file of an older output stays beside the
+    new ones), and on any failure the temporary folder is removed and ``out`` is left as it was.
 
     Args:
         out: the output folder (``--out``); its parents are created.
@@ -63,15 +67,16 @@ def atomic_folder(out: Path, needed: int | None = None, flag: str = "--out") -> 
         _remove_orphans(out)
         partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
         yield partial
+        _open_to_group_and_others(partial)
         if not out.exists():
             os.rename(partial, out)
             partial = None
-        else:  # --overwrite into an existing folder: replace our files one by one, never delete the user's others
-            for item in sorted(partial.iterdir()):
-                target = out / item.name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                os.replace(item, target)
+        else:  # --overwrite (check_out vetted it): swap the new folder in, then drop the old one, whole
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(partial, out)
+            partial = None
+            shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         written = _folder_bytes(partial) if partial is not None else 0
         if exc.errno in _NO_SPACE:
@@ -98,11 +103,22 @@ def no_space(exc: OSError, folder: Path | None, flag: str, kept: str, need: str 
     )
 
 
+def _open_to_group_and_others(folder: Path) -> None:
+    """Give the outputs the permissions the umask allows (mkdtemp makes 0700, some writers 0600), so that another
+    user or a serving container can read an export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _remove_orphans(out: Path) -> None:
     """Remove the temporary folders that killed writers of ``out`` left (their process is gone): a crashed merge of a
     large model would otherwise leave gigabytes in a hidden folder."""
-    for folder in out.parent.glob(f".{out.name}.partial-*-*"):
-        pid = folder.name[len(f".{out.name}.partial-") :].split("-", 1)[0]
+    for folder in [*out.parent.glob(f".{out.name}.partial-*-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        pid = re.match(r"\.(?:partial|old)-(\d+)", folder.name[len(f".{out.name}") :])
+        pid = pid.group(1) if pid else ""
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 

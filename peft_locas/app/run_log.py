@@ -42,6 +42,10 @@ class RunLog:
 
     def __call__(self, index: int, result: Any) -> None:
         self._times.append(time.perf_counter())
+        if len(self._times) == 1 and index > 0 and self.is_main:  # chunks before this one came from a checkpoint
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"memorize: resumed from a checkpoint after chunk {index} of {self.num_chunks}", file=sys.stderr)
         if self.path is not None:
             if len(self._times) == 1:  # resumed: chunks after the last checkpoint were logged, then redone
                 self._keep_before(index)
