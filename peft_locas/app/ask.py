@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .context import add_asking_options, check_context, context_text, load_asker
-from .inputs import adapter_config, model_dir
+from .inputs import adapter_config, shared_base
 from .options import UsageError, positive_int
 
 
@@ -105,21 +105,13 @@ def load_memories(args: argparse.Namespace):
     check_context(args)
     for memory in args.memory:
         adapter_config(memory)
-    folder = model_dir(args.model, args.memory[0])
-    for memory in args.memory[1:]:
-        model_dir(folder, memory)  # every memory's recorded base must be this one
-
-    from peft import PeftModel
+    folder = shared_base(args.model, args.memory)
 
     from ..recall.asking import Asker, max_positions
-    from .loading import check_adapter_fits, load
+    from .loading import load, load_adapters
 
     model, tokenizer, _ = load(folder, args)
-    for memory in args.memory:
-        check_adapter_fits(model, memory)
-    model = PeftModel.from_pretrained(model, args.memory[0], adapter_name="memory_0")
-    for index, memory in enumerate(args.memory[1:], start=1):
-        model.load_adapter(memory, adapter_name=f"memory_{index}")
+    model = load_adapters(model, args.memory, [f"memory_{index}" for index in range(len(args.memory))])
     context = context_text(args, tokenizer, max_positions(model))
     asker = Asker(
         model,

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .inputs import RESULTS_FILE, adapter_config, base_fingerprint, check_out, model_dir
+from .inputs import RESULTS_FILE, adapter_config, base_fingerprint, check_out, shared_base
 from .options import UsageError, model_options
 from .output import atomic_folder, check_writable
 
@@ -42,21 +42,13 @@ def run(args: argparse.Namespace) -> int:
         kind = type(adapter_config(adapter)).__name__
         if kind != "LocasConfig":
             raise UsageError(f"--adapter {adapter} is a {kind}; compose takes Locas memories")
-    folder = model_dir(args.model, args.adapter[0])
-    for adapter in args.adapter[1:]:
-        model_dir(folder, adapter)  # each memory's recorded base must be this one
+    folder = shared_base(args.model, args.adapter)
 
-    from peft import PeftModel
-
-    from .loading import check_adapter_fits, load
+    from .loading import load, load_adapters
 
     model, _, ranks = load(folder, args)
-    for adapter in args.adapter:
-        check_adapter_fits(model, adapter)
     names = [f"input_{index}" for index in range(len(args.adapter))]
-    peft_model = PeftModel.from_pretrained(model, args.adapter[0], adapter_name=names[0])
-    for name, adapter in zip(names[1:], args.adapter[1:], strict=True):
-        peft_model.load_adapter(adapter, adapter_name=name)
+    peft_model = load_adapters(model, args.adapter, names)
     peft_model.add_weighted_adapter(names, weights, "default")
     peft_model.set_adapter("default")
     for name in names:

@@ -6,24 +6,14 @@ import argparse
 from pathlib import Path
 
 from .inputs import adapter_config, model_dir, read_sources
-from .options import int_at_least, model_options, text_encoding, token_limit
+from .options import int_at_least, model_options, text_options, token_limit
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="chunked perplexity of a text, with and without an adapter")
     model_options(parser, default_help="the base the adapter recorded, else the prepared SmolLM2")
     parser.add_argument("--adapter", type=Path, default=None, help="adapter folder; compared with the bare model")
-    parser.add_argument(
-        "--text",
-        required=True,
-        nargs="+",
-        action="extend",
-        metavar="TEXT",
-        help="a text file, a folder of .txt/.md files, a prepared book (e.g. emma), or a conversation; several are "
-        "scored in order as one text",
-    )
-    parser.add_argument("--encoding", type=text_encoding, default="utf-8", help="of the text files")
-    parser.add_argument("--sample", default=None, help="the sample_id to take from a LoCoMo file (default: the first)")
+    text_options(parser, "scored")
     parser.add_argument("--chunk-tokens", type=int_at_least(2), default=512, help="tokens per chunk")
     parser.add_argument("--context-tokens", type=int_at_least(0), default=256, help="attention prefix per chunk")
     parser.add_argument("--max-tokens", type=token_limit, default=None, help="score the first N tokens, or all")

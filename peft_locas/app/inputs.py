@@ -118,6 +118,15 @@ def model_dir(path: Path | None, adapter: Path | None = None) -> Path:
     return folder
 
 
+def shared_base(path: Path | None, adapters: list[Path]) -> Path:
+    """`model_dir` for several adapters at once: ``--model`` or the first adapter's recorded base, which every
+    adapter's recorded fingerprint must accept."""
+    folder = model_dir(path, adapters[0])
+    for adapter in adapters[1:]:
+        model_dir(folder, adapter)
+    return folder
+
+
 def _model_dir(path: Path | None, adapter: Path | None) -> Path:
     if path is None and adapter is not None:
         recorded = recorded_base(adapter)

@@ -66,6 +66,18 @@ def load_adapter(model: Any, adapter: Path, **kwargs: Any) -> Any:
     return PeftModel.from_pretrained(model, adapter, **kwargs)
 
 
+def load_adapters(model: Any, adapters: list[Path], names: list[str]) -> Any:
+    """A ``PeftModel`` holding every adapter under its name (each checked with `check_adapter_fits` first)."""
+    from peft import PeftModel
+
+    for adapter in adapters:
+        check_adapter_fits(model, adapter)
+    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+    for name, adapter in zip(names[1:], adapters[1:], strict=True):
+        peft_model.load_adapter(adapter, adapter_name=name)
+    return peft_model
+
+
 def check_adapter_fits(model: Any, adapter: Path) -> None:
     """Refuse an adapter made for another base model (another layer count or hidden size), or a damaged weights file,
     before loading it, with the reason in one line."""

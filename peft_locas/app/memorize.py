@@ -18,7 +18,7 @@ from .options import (
     non_negative_float,
     positive_float,
     positive_int,
-    text_encoding,
+    text_options,
     token_limit,
     top_k,
 )
@@ -33,17 +33,7 @@ OBJECTIVES = ("ntp", "distill")
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("memorize", help="memorise a text into a Locas memory (score, then train)")
     model_options(parser, default_help="the prepared SmolLM2; with --adapter, the base it recorded")
-    parser.add_argument(
-        "--text",
-        required=True,
-        nargs="+",
-        action="extend",
-        metavar="TEXT",
-        help="a text file, a folder of .txt/.md files, a prepared book (e.g. emma), or a conversation (LoCoMo .json "
-        "or our .jsonl); several are memorised in order into one memory",
-    )
-    parser.add_argument("--encoding", type=text_encoding, default="utf-8", help="of the text files")
-    parser.add_argument("--sample", default=None, help="the sample_id to take from a LoCoMo file (default: the first)")
+    text_options(parser, "memorised")
     parser.add_argument("--out", required=True, type=Path, help="adapter folder to write (with results and plot)")
     parser.add_argument(
         "--adapter",

@@ -49,6 +49,22 @@ def model_options(
     quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 base")
 
 
+def text_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--text`` (files, folders, books, conversations; several in order as one text) and ``--encoding``;
+    ``what`` says what the command does with them ("memorised", "scored")."""
+    parser.add_argument(
+        "--text",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="TEXT",
+        help="a text file, a folder of .txt/.md files, a prepared book (e.g. emma), or a conversation (LoCoMo .json "
+        f"or our .jsonl); several are {what} in order as one text",
+    )
+    parser.add_argument("--encoding", type=text_encoding, default="utf-8", help="of the text files")
+    parser.add_argument("--sample", default=None, help="the sample_id to take from a LoCoMo file (default: the first)")
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
