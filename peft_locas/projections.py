@@ -79,10 +79,14 @@ def protect_layout_(layer: nn.Module) -> None:
 
 
 def projection_size(layer: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` without reading (or dequantizing) the weights; Conv1D calls them nf/nx."""
+    """``(out_features, in_features)`` without reading (or dequantizing) the weights; Conv1D calls them nf/nx. A
+    registered layer type without size attributes is measured by `read_projection` (``(out, in)`` weights)."""
     if hasattr(layer, "nf"):
         return layer.nf, layer.nx
-    return layer.out_features, layer.in_features
+    if hasattr(layer, "out_features") and hasattr(layer, "in_features"):
+        return layer.out_features, layer.in_features
+    out_features, in_features = read_projection(layer).weight.shape
+    return out_features, in_features
 
 
 def can_rewrite(layer: nn.Module) -> bool:

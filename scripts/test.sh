@@ -11,4 +11,4 @@ setup_env "[test]"
 # without them those tests are reported as skipped.
 python -m peft_locas.assets || echo "offline assets unavailable: real-model tests will be skipped"
 
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"  # the slowest tests, to keep the suite fast

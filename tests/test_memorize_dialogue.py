@@ -145,7 +145,7 @@ class CharTokenizer(tf.PreTrainedTokenizer):
 
 def test_a_slow_tokenizer_reads_the_conversation_unit_by_unit():
     dialogue, slow = conversation(sessions=2, turns=3), CharTokenizer()
-    with pytest.warns(UserWarning, match="CharTokenizer gives no character offsets: the conversation is tokenized"):
+    with pytest.warns(UserWarning, match="CharTokenizer gives no character offsets: the text is tokenized unit by unit"):
         ids, starts = text_and_boundaries(slow, dialogue)
     assert ids == [ord(c) for c in render_conversation(dialogue)]  # characters: the same as the whole text's
     assert starts == [span.start for span in turn_spans(dialogue)]

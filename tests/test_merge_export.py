@@ -2,6 +2,7 @@
 peft_locas (or peft), and reproduces the adapter model's logits."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,6 +61,7 @@ def test_merged_checkpoints_reload_without_peft_locas(tmp_path):
         ],
         capture_output=True,
         text=True,
+        env=dict(os.environ, PEFT_LOCAS_NO_AUTOLOAD="1"),  # no code of ours at all, not even the start-up hook
     )
     assert done.returncode == 0, done.stderr[-3000:]
     from safetensors.torch import load_file
