@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as tf
 from peft import get_peft_model
-from tiny_checkpoint import sample_text, stopping_llama, tiny_tokenizer
+from tiny_checkpoint import sample_text, stopping_llama
 from tiny_checkpoint import tiny_llama as llama
 from transformers.cache_utils import DynamicLayer
 
@@ -29,37 +29,10 @@ from peft_locas.recall.asking import (
     max_positions,
 )
 
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QUESTION = "Where did the white rabbit run?"
 GOLD = "past the garden door"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def plain_tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHATML
-    return tokenizer
-
-
-@pytest.fixture(params=["plain", "chat"])
-def tokenizer(request, plain_tokenizer, chat_tokenizer):
-    return plain_tokenizer if request.param == "plain" else chat_tokenizer
 
 
 def conversation(words: int = 300) -> str:

@@ -25,16 +25,10 @@ from peft_locas.chunking import Window, chunk_windows
 from peft_locas.memorization import MemorizeConfig, evaluate, memorize
 from peft_locas.objectives import TeacherTargets, distillation_loss, kl_divergence
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TESTS = Path(__file__).parent
 CHUNK, CONTEXT = 24, 8
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_ids(n: int, seed: int = 0) -> torch.Tensor:

@@ -22,16 +22,9 @@ from peft_locas.chunking import Window, chunk_windows
 from peft_locas.memorization import MemorizeConfig, evaluate, memorize, templora_config
 from peft_locas.results import MemorizeResult
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TESTS = Path(__file__).parent
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster on a busy machine, and kernels then match the single-threaded workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_ids(n: int, seed: int = 0) -> torch.Tensor:

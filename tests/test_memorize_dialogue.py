@@ -18,13 +18,7 @@ from peft_locas.chunking import Window, chunk_windows, text_and_boundaries
 from peft_locas.memorization import MemorizeConfig, evaluate, memorize
 from peft_locas.recall.dialogue import Conversation, Session, Turn, render_conversation, turn_spans
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +139,9 @@ class CharTokenizer(tf.PreTrainedTokenizer):
 
 def test_a_slow_tokenizer_reads_the_conversation_unit_by_unit():
     dialogue, slow = conversation(sessions=2, turns=3), CharTokenizer()
-    with pytest.warns(UserWarning, match="CharTokenizer gives no character offsets: the text is tokenized unit by unit"):
+    with pytest.warns(
+        UserWarning, match="CharTokenizer gives no character offsets: the text is tokenized unit by unit"
+    ):
         ids, starts = text_and_boundaries(slow, dialogue)
     assert ids == [ord(c) for c in render_conversation(dialogue)]  # characters: the same as the whole text's
     assert starts == [span.start for span in turn_spans(dialogue)]

@@ -33,36 +33,9 @@ from peft_locas.recall.self_study import (
     write_questions,
 )
 
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CHUNK, CONTEXT = 48, 16
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def plain_tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHATML
-    return tokenizer
-
-
-@pytest.fixture(params=["plain", "chat"])
-def tokenizer(request, plain_tokenizer, chat_tokenizer):
-    return plain_tokenizer if request.param == "plain" else chat_tokenizer
 
 
 def text(words: int = 140) -> str:
