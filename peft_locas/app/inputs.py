@@ -108,9 +108,10 @@ def model_dir(path: Path | None, adapter: Path | None = None) -> Path:
     """``--model``; else the base the adapter recorded (when it is a local model folder); else the prepared SmolLM2.
     With an adapter whose results recorded its base's `base_fingerprint`, a base with other weights is refused."""
     folder = _model_dir(path, adapter)
-    recorded = (memorize_record(adapter) or {}).get("base_fingerprint") if adapter is not None else None
+    record = (memorize_record(adapter) if adapter is not None else None) or {}
+    recorded = record.get("base_fingerprint")
     if recorded is not None and base_fingerprint(folder) != recorded:
-        made_on = (memorize_record(adapter) or {}).get("model", "another model")
+        made_on = record.get("model", "another model")
         raise UsageError(
             f"adapter {adapter} was made on another base model ({made_on}): the weights in {folder} differ from those "
             "it recorded; pass the base it was made on with --model"

@@ -18,9 +18,9 @@ from ..distributed import Ranks
 from .options import UsageError, one_line
 
 
-def load(model_dir: Path, args: argparse.Namespace) -> tuple[Any, Any, Ranks]:
-    """Model (eval mode, on this rank's device) and tokenizer from a local folder; starts the process group when the
-    command runs under torchrun / accelerate launch."""
+def load(model_dir: Path, args: argparse.Namespace, tokenizer: Any = None) -> tuple[Any, Any, Ranks]:
+    """Model (eval mode, on this rank's device) and tokenizer (``tokenizer`` when the command loaded it already) from
+    a local folder; starts the process group when the command runs under torchrun / accelerate launch."""
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
@@ -41,7 +41,7 @@ def load(model_dir: Path, args: argparse.Namespace) -> tuple[Any, Any, Ranks]:
         )
         kwargs.update(quantization_config=BitsAndBytesConfig(**quantization), device_map={"": device})
     try:
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise UsageError(f"cannot load a causal language model from {model_dir}: {one_line(exc)}") from exc

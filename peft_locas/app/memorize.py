@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
     if continued is None:
         _check_width(folder, args.r or 64, args.adapter_type or "locas")
-    num_tokens, num_chunks = _plan(load_tokenizer(folder), memorized, args)
+    tokenizer = load_tokenizer(folder)  # before the model: the text's length is checked against the chunks first
+    num_tokens, num_chunks = _plan(tokenizer, memorized, args)
     print(plan_line(label, num_tokens, num_chunks, args, args.checkpoint_dir), file=sys.stderr)
     config = MemorizeConfig(
         chunk_tokens=args.chunk_tokens,
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         show_progress=True,
     )
-    model, tokenizer, ranks = load(folder, args)
+    model, tokenizer, ranks = load(folder, args, tokenizer)
     if continued is not None:
         model, peft_config = load_adapter(model, args.adapter, is_trainable=True), None
         adapter_type, r = continued

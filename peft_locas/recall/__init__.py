@@ -31,27 +31,7 @@ _EXPORTS = {
     "ask_memories": ".serving",
 }
 
-__all__ = [
-    "CATEGORIES",
-    "Answer",
-    "Asker",
-    "Chat",
-    "Conversation",
-    "DialogueError",
-    "Question",
-    "Session",
-    "Turn",
-    "TurnSpan",
-    "ask_memories",
-    "fit_context",
-    "load_conversation",
-    "locomo_f1",
-    "mean_with_stderr",
-    "read_questions",
-    "render_conversation",
-    "token_f1",
-    "turn_spans",
-]
+__all__ = sorted(_EXPORTS)  # every lazy name is public
 
 
 def __getattr__(name: str) -> Any:
