@@ -13,7 +13,7 @@ from torch import nn
 from .blocks import BlockKind, Units
 from .config import LocasConfig
 from .initialization import auto_tau, data_free_memory
-from .memory import LocasMemory
+from .memory import LocasMemory, stacked_output
 from .projections import projection_size
 
 
@@ -121,8 +121,15 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
     ) -> torch.Tensor:
         """Each sample of the batch through the memory its entry of ``adapter_names`` names (``"__base__"``, or an
-        adapter without a memory here: none)."""
+        adapter without a memory here: none). Differentiable, so a training loop can route rows too
+        (`LocasModel.routing`). When every sample names a memory here and they all have one shape, the memories run
+        stacked, one batched matmul per projection (`stacked_output`); otherwise each adapter's samples are gathered."""
         result = self.base_layer(x, *args, **kwargs)
+        memories = [self.locas_memory[name] for name in adapter_names if name in self.locas_memory]
+        if len(memories) == len(adapter_names) and all(memories[0].stackable_with(m) for m in memories[1:]):
+            x = self._cast_input_dtype(x, memories[0].key.dtype)
+            output = stacked_output(memories, x, self.block_kind.activation(self.get_base_layer()))
+            return result + output.to(result.dtype)
         for adapter_name in set(adapter_names) & set(self.locas_memory):
             rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
             result[rows] += self.memory_output(x[rows], adapter_name).to(result.dtype)

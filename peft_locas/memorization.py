@@ -218,9 +218,14 @@ def memorize(
     config: MemorizeConfig | None = None,
     *,
     peft_config: PeftConfig | None = None,
-    callback: Callable[[int, MemorizeResult], None] | None = None,
-) -> MemorizeResult:
+    callback: Callable[..., None] | None = None,
+    adapter_names: Sequence[str] | None = None,
+) -> MemorizeResult | list[MemorizeResult]:
     """Memorise a text into an adapter by the score-then-train protocol (see the module docstring).
+
+    With ``adapter_names``, ``text_or_token_ids`` is a list of texts, each memorised into its own Locas adapter, all
+    in one batched run (`peft_locas.batched_memorization.memorize_batch`, which documents that form and returns one
+    result per text); without it, a list of texts is one text of several documents.
 
     Args:
         model: a ``PeftModel`` with a Locas or LoRA adapter named ``config.adapter_name``, or a base model, which is
@@ -233,7 +238,9 @@ def memorize(
         config: the protocol's settings (default ``MemorizeConfig()``).
         peft_config: for a base model: a ``LocasConfig`` (default ``LocasConfig()``) or a ``LoraConfig`` (see
             `templora_config()`). The config object itself is not modified.
-        callback: called as ``callback(chunk_index, result_so_far)`` after every chunk (after its checkpoint).
+        callback: called as ``callback(chunk_index, result_so_far)`` after every chunk (after its checkpoint); with
+            ``adapter_names``, as ``callback(adapter_name, chunk_index, result_so_far)``.
+        adapter_names: one adapter name per text, to memorise several texts into separate memories in one run.
 
     Returns:
         the per-chunk results; ``result.model`` is the trained ``PeftModel``. The run is on the model's device and
@@ -246,6 +253,12 @@ def memorize(
             ``teacher_context_tokens=None``, a model whose ``max_position_embeddings`` is missing or shorter than the
             student's window.
     """
+    if adapter_names is not None:
+        from .batched_memorization import memorize_batch
+
+        return memorize_batch(
+            model, tokenizer, text_or_token_ids, adapter_names, config, peft_config=peft_config, callback=callback
+        )
     started = time.perf_counter()
     config = config or MemorizeConfig()
     ids, unit_starts = tokens_and_boundaries(tokenizer, text_or_token_ids, config.max_tokens)

@@ -145,6 +145,20 @@ class LocasModel(BaseTuner):
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         if not isinstance(adapter_names, (list, tuple)):
             raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+        with self.routing(adapter_names):
+            yield
+
+    @contextmanager
+    def routing(self, adapter_names: list[str] | tuple[str, ...]) -> Iterator[None]:
+        """Within the block, every forward (and ``generate``) routes sample ``i`` of the batch through the adapter
+        ``adapter_names[i]`` names, in training mode too: `_enable_peft_forward_hooks`'s mixed batch, for training
+        loops that give each sample its own memory (`peft_locas.batched_memorization`). Gradients reach each memory
+        from its own samples only.
+
+        Raises:
+            ValueError: a name that is no adapter (PEFT's text); the layers raise PEFT's errors for a length that is not
+                the batch size and for merged adapters.
+        """
         unknown = sorted(set(adapter_names) - {"__base__"} - set(self.peft_config))
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
