@@ -166,6 +166,30 @@ def init_ablation_table(result: dict[str, Any]) -> str:
     )
 
 
+def batch_memorize_table(result: dict[str, Any]) -> str:
+    """Batched against sequential memorisation per B: tokens/s, speed-ups (with the rounds' range), peak memory."""
+    rows = [
+        {**row, "speed-up": f"{row['speed-up']:.2f}x ({row['speed-up range'][0]:.2f}-{row['speed-up range'][1]:.2f})"}
+        for row in result["rows"]
+    ]
+    columns = {
+        "B": None,
+        "batched tok/s": fixed(1),
+        "sequential tok/s": fixed(1),
+        "speed-up": None,
+        "CPU speed-up": ratio,
+        "batched peak GiB": fixed(2),
+        "sequential peak GiB": fixed(2),
+        "max ppl diff": fixed(5),
+    }
+    return (
+        source_line(result, "batch_memorize")
+        + f"\n{result['tokens_per_text']:,} tokens per text, Locas r={result['r']}, {result['rounds']} interleaved "
+        + "rounds (median; the speed-up's range over rounds in brackets):\n\n"
+        + table(rows, columns)
+    )
+
+
 def targets_table(results: dict[str, dict[str, Any]]) -> str:
     """Each target of the benchmark issue beside its measurement, and whether it is met."""
     rows = []
@@ -377,6 +401,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "overhead": overhead_tables,
     "merge_fidelity": merge_fidelity_table,
     "init_ablation": init_ablation_table,
+    "batch_memorize": batch_memorize_table,
 }
 
 

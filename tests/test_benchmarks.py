@@ -80,6 +80,17 @@ def test_compose_smallest_mode(tmp_path):
         assert row["own memory"] < row["base"]  # the tiny model learns its random text a little
 
 
+def test_batch_memorize_smallest_mode(tmp_path):
+    """Batched and sequential memorisation, each in its own process: the same perplexities, both timed."""
+    out = tmp_path / "batch.json"
+    protocol = ["--tokens", "96", "--chunk", "32", "--context", "8", "--r", "8", "--batch-sizes", "2", "--rounds", "1"]
+    run_benchmark("batch_memorize.py", "--out", str(out), *protocol)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["B"] == 2 and row["max ppl diff"] < 1e-3
+    assert row["batched tok/s"] > 0 and row["sequential tok/s"] > 0 and row["batched peak GiB"] > 0
+    assert row["speed-up"] == pytest.approx(row["batched tok/s"] / row["sequential tok/s"])
+
+
 def test_book_ppl_and_forgetting_smallest_mode(tmp_path):
     """book_ppl runs every method once per book in its own process; a rerun reuses them; forgetting reuses the
     memories book_ppl trained (same protocol, same checkpoints)."""
@@ -192,6 +203,7 @@ def test_benchmarks_explain_themselves():
         "locomo.py",
         "recall_study.py",
         "compose.py",
+        "batch_memorize.py",
         "report.py",
     ]
     code = f"""

@@ -192,11 +192,21 @@ def check_out(out: Path, overwrite: bool, inputs: tuple[Path | None, ...] = ()) 
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UsageError(f"--out {out} exists and is not empty: pass --overwrite to replace it, or choose another")
-        if not any((out / marker).is_file() for marker in _OUTPUT_MARKERS):
+        if not _is_output(out) and not _is_folder_of_outputs(out):
             raise UsageError(
                 f"--out {out} is not a model or adapter folder (no {', '.join(_OUTPUT_MARKERS)}): --overwrite replaces "
-                "only those; choose another --out"
+                "only those (and folders of them, as memorize --separate writes); choose another --out"
             )
+
+
+def _is_output(folder: Path) -> bool:
+    return any((folder / marker).is_file() for marker in _OUTPUT_MARKERS)
+
+
+def _is_folder_of_outputs(folder: Path) -> bool:
+    """A folder of adapter folders (and PEFT's model card), as ``memorize --separate`` writes."""
+    entries = [entry for entry in folder.iterdir() if entry.name != "README.md"]
+    return bool(entries) and all(entry.is_dir() and _is_output(entry) for entry in entries)
 
 
 def adapter_config(adapter: Path) -> Any:

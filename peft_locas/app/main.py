@@ -36,7 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         checkpoints = getattr(args, "checkpoint_dir", None)
-        saved = checkpoints is not None and any(Path(checkpoints).glob("chunk-*"))
+        # memorize --separate checkpoints each memory in its own subfolder
+        saved = checkpoints is not None and any(
+            Path(checkpoints).glob("chunk-*") or Path(checkpoints).glob("*/chunk-*")
+        )
         hint = "; rerun the same command to resume from the last checkpoint" if saved else ""
         print(f"error: interrupted{hint}", file=sys.stderr)
         return 130

@@ -99,6 +99,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint (a crash loses the run)")
     parser.add_argument("--checkpoint-every", type=positive_int, default=1, help="chunks between checkpoints")
     parser.add_argument("--compare-baseline", action="store_true", help="also score each chunk without memory")
+    parser.add_argument(
+        "--separate",
+        action="store_true",
+        help="one memory per text (each file of a folder too), trained side by side in one batched run; --out gets "
+        "one adapter folder per text, named after it",
+    )
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     parser.set_defaults(run=run)
 
@@ -118,19 +124,25 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint_dir = args.out.with_name(f"{args.out.name}.checkpoint")
     if args.checkpoint_dir is not None:
         check_writable(args.checkpoint_dir, "--checkpoint-dir")
+    if args.separate:
+        _check_separate(args, sources)
     memorized = sources[0].memorized if len(sources) == 1 else [source.memorized for source in sources]
     label = args.text[0] if len(args.text) == 1 and Path(args.text[0]).is_dir() else "+".join(s.label for s in sources)
 
     from ..config import LocasConfig
     from ..memorization import MemorizeConfig, memorize, templora_config
-    from ..plotting import plot_losses
     from .loading import load, load_adapter, load_tokenizer
-    from .run_log import CHUNK_LOG, RunLog, plan_line
+    from .run_log import RunLog, plan_line
 
     if continued is None:
         _check_width(folder, args.r or 64, args.adapter_type or "locas")
     tokenizer = load_tokenizer(folder)  # before the model: the text's length is checked against the chunks first
-    num_tokens, num_chunks = _plan(tokenizer, memorized, args)
+    if args.separate:
+        plans = [_plan(tokenizer, source.memorized, args, source.label) for source in sources]
+        num_tokens, num_chunks = sum(p[0] for p in plans), max(p[1] for p in plans)
+        label = f"{len(sources)} texts, each into its own memory,"
+    else:
+        num_tokens, num_chunks = _plan(tokenizer, memorized, args)
     print(plan_line(label, num_tokens, num_chunks, args, args.checkpoint_dir), file=sys.stderr)
     config = MemorizeConfig(
         chunk_tokens=args.chunk_tokens,
@@ -158,6 +170,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         adapter_type, r = args.adapter_type or "locas", args.r or 64
         peft_config = LocasConfig(r=r) if adapter_type == "locas" else templora_config(r)
+    if args.separate:
+        from .memorize_separate import run_separate
+
+        return run_separate(
+            args, sources, folder, model, tokenizer, config, peft_config, default_checkpoints, [p[1] for p in plans]
+        )
     log = RunLog(args.checkpoint_dir, num_chunks, ranks.is_main)
     try:
         result = memorize(model, tokenizer, memorized, config, peft_config=peft_config, callback=log)
@@ -168,30 +186,66 @@ def run(args: argparse.Namespace) -> int:
         raise full from exc
     if not ranks.is_main:
         return 0
-    record: dict[str, Any] = {
+    record = results_record(args, folder, sources, label, (adapter_type, r), config, result)
+    record["continued_from"] = None if continued is None else str(args.adapter.resolve())
+    record["world_size"] = ranks.size
+    needed = sum(p.numel() * p.element_size() for p in result.model.parameters() if p.requires_grad) + 2**20
+    with atomic_folder(args.out, needed) as partial:
+        result.model.save_pretrained(partial)
+        write_records(partial, record, result, label, args.checkpoint_dir)
+    if default_checkpoints:  # the adapter folder now holds everything; the checkpoints only served a crash
+        shutil.rmtree(args.checkpoint_dir, ignore_errors=True)
+    print(summary_table(result))
+    print(f"adapter, results and plot: {args.out}")
+    return 0
+
+
+def results_record(
+    args: argparse.Namespace,
+    folder: Path,
+    sources: list[Source],
+    label: str,
+    kind: tuple[str, int],
+    config: Any,
+    result: Any,
+) -> dict[str, Any]:
+    """``memorize_results.json``: the base (and its fingerprint), the texts, the adapter, the settings, the results."""
+    adapter_type, r = kind
+    return {
         "model": str(folder),
         "base_fingerprint": base_fingerprint(folder),
         **_sources_record(sources, label),
         "encoding": args.encoding,
         "adapter_type": adapter_type,
         "r": r,
-        "continued_from": None if continued is None else str(args.adapter.resolve()),
+        "continued_from": None,
         "settings": config.protocol(adapter_type),
-        "world_size": ranks.size,
+        "world_size": 1,
         "result": result.to_dict(),
     }
-    needed = sum(p.numel() * p.element_size() for p in result.model.parameters() if p.requires_grad) + 2**20
-    with atomic_folder(args.out, needed) as partial:
-        result.model.save_pretrained(partial)
-        (partial / RESULTS_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        plot_losses(result, partial / PLOT_FILE, title=f"{label}: loss of each chunk before training on it")
-        if args.checkpoint_dir is not None and (args.checkpoint_dir / CHUNK_LOG).is_file():
-            shutil.copyfile(args.checkpoint_dir / CHUNK_LOG, partial / CHUNK_LOG)
-    if default_checkpoints:  # the adapter folder now holds everything; the checkpoints only served a crash
-        shutil.rmtree(args.checkpoint_dir, ignore_errors=True)
-    print(summary_table(result))
-    print(f"adapter, results and plot: {args.out}")
-    return 0
+
+
+def write_records(folder: Path, record: dict[str, Any], result: Any, label: str, checkpoint_dir: Path | None) -> None:
+    """Beside a saved adapter: its results record, its loss plot and the run's per-chunk log (when there is one)."""
+    from ..plotting import plot_losses
+    from .run_log import CHUNK_LOG
+
+    (folder / RESULTS_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    plot_losses(result, folder / PLOT_FILE, title=f"{label}: loss of each chunk before training on it")
+    if checkpoint_dir is not None and (checkpoint_dir / CHUNK_LOG).is_file():
+        shutil.copyfile(checkpoint_dir / CHUNK_LOG, folder / CHUNK_LOG)
+
+
+def _check_separate(args: argparse.Namespace, sources: list[Source]) -> None:
+    """``--separate`` trains new Locas memories, one per text, in one process."""
+    refused = (
+        ("--adapter", args.adapter is not None, "continue memories one at a time with --adapter"),
+        ("--adapter-type lora", args.adapter_type == "lora", "memorise LoRA baselines one text at a time"),
+        ("--self-study-questions", args.self_study_questions > 0, "self-study memorises one text at a time"),
+    )
+    for flag, given, fix in refused:
+        if given:
+            raise UsageError(f"--separate makes new Locas memories side by side and does not take {flag}: {fix}")
 
 
 def _continued(args: argparse.Namespace) -> tuple[str, int] | None:
@@ -225,14 +279,15 @@ def _check_width(folder: Path, r: int, adapter_type: str) -> None:
         )
 
 
-def _plan(tokenizer: Any, memorized: Any, args: argparse.Namespace) -> tuple[int, int]:
+def _plan(tokenizer: Any, memorized: Any, args: argparse.Namespace, label: str | None = None) -> tuple[int, int]:
     """The token and chunk counts, so that a text too short for one chunk is refused before the model loads."""
     from ..chunking import chunk_windows, tokens_and_boundaries
 
     ids, starts = tokens_and_boundaries(tokenizer, memorized, args.max_tokens)
     if len(ids) < args.chunk_tokens:
+        which = "the text" if label is None else f"the text {label}"
         raise UsageError(
-            f"the text has {len(ids)} tokens, fewer than one chunk of {args.chunk_tokens}: lower --chunk-tokens "
+            f"{which} has {len(ids)} tokens, fewer than one chunk of {args.chunk_tokens}: lower --chunk-tokens "
             f"(at most {len(ids)}) or give a longer text"
         )
     return len(ids), len(chunk_windows(len(ids), args.chunk_tokens, args.context_tokens, starts))

@@ -33,16 +33,17 @@ class RunLog:
         folder: the checkpoint folder, or ``None`` for no log.
         num_chunks: the run's chunk count.
         is_main: whether this process writes and prints (rank 0).
+        quiet: write the log but print nothing (one of several texts memorised side by side: the longest prints).
     """
 
-    def __init__(self, folder: Path | None, num_chunks: int, is_main: bool) -> None:
+    def __init__(self, folder: Path | None, num_chunks: int, is_main: bool, quiet: bool = False) -> None:
         self.path = folder / CHUNK_LOG if folder is not None and is_main else None
-        self.num_chunks, self.is_main = num_chunks, is_main
+        self.num_chunks, self.announces = num_chunks, is_main and not quiet
         self._times: list[float] = []
 
     def __call__(self, index: int, result: Any) -> None:
         self._times.append(time.perf_counter())
-        if len(self._times) == 1 and index > 0 and self.is_main:  # chunks before this one came from a checkpoint
+        if len(self._times) == 1 and index > 0 and self.announces:  # chunks before this one came from a checkpoint
             from tqdm.auto import tqdm
 
             tqdm.write(f"memorize: resumed from a checkpoint after chunk {index} of {self.num_chunks}", file=sys.stderr)
@@ -61,7 +62,7 @@ class RunLog:
             with self.path.open("a", encoding="utf-8") as log:
                 log.write(json.dumps(record) + "\n")
         left = self.num_chunks - index - 1
-        if len(self._times) == 2 and left > 0 and self.is_main:
+        if len(self._times) == 2 and left > 0 and self.announces:
             took = self._times[1] - self._times[0]
             from tqdm.auto import tqdm  # prints above the progress bar instead of through it
 
