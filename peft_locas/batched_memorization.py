@@ -40,7 +40,7 @@ from .chunking import Window, chunk_windows, tokens_and_boundaries
 from .config import LocasConfig
 from .data_init import init_locas_weights
 from .distributed import Ranks
-from .memorization import MemorizeConfig, _Reader, _Update
+from .memorization import MemorizeConfig, _Reader, _Update, fuses_scoring
 from .objectives import OBJECTIVES, TeacherTargets, model_positions, next_token_loss
 from .results import MemorizeResult
 
@@ -187,10 +187,13 @@ def _round(
     returns ``(score, baseline, mean train loss)`` per row."""
     names = [text.name for text in rows]
     windows = [text.windows[text.done] for text in rows]
+    fused = fuses_scoring(model, config)
     model.eval()
+    scores: list[float] = []
     with torch.no_grad():
-        with model.base_model.routing(names):
-            scores = _mean_nlls(_logits(model, rows, windows), rows, windows)
+        if not fused:  # else the first training step's forward scores (see `MemorizeConfig.fused_scoring`)
+            with model.base_model.routing(names):
+                scores = _mean_nlls(_logits(model, rows, windows), rows, windows)
         baselines: list[float | None] = [None] * len(rows)
         if config.compare_baseline:
             with model.disable_adapter():
@@ -207,13 +210,17 @@ def _round(
     train_losses = torch.zeros(len(rows))
     for text in rows:  # the schedule's clock: the chunk index, as in a single-text run
         text.update.step = text.done * config.steps_per_chunk
-    for _ in range(config.steps_per_chunk):
+    for step in range(config.steps_per_chunk):
         with model.base_model.routing(names):
+            logits = _logits(model, rows, windows)
             parts = [
-                loss(logits, text.reader.ids[w.first : w.end], teacher) / w.scored
-                for logits, text, w, teacher in zip(_logits(model, rows, windows), rows, windows, teachers, strict=True)
+                loss(row_logits, text.reader.ids[w.first : w.end], teacher) / w.scored
+                for row_logits, text, w, teacher in zip(logits, rows, windows, teachers, strict=True)
             ]
         torch.stack(parts).sum().backward()
+        if fused and step == 0:
+            with torch.no_grad():
+                scores = _mean_nlls([row_logits.detach() for row_logits in logits], rows, windows)
         train_losses += torch.stack([part.detach().cpu() for part in parts])
         for text in rows:
             text.update()

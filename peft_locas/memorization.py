@@ -62,7 +62,7 @@ RECIPES: dict[str, dict[str, float]] = {
     "locas": {"lr": 4e-3, "adam_eps": 1e-8, "warmup_steps": 0},
     "lora": {"lr": 5e-5, "adam_eps": 1e-7, "warmup_steps": 2},
 }
-_RUNTIME_FIELDS = ("checkpoint_dir", "checkpoint_every", "show_progress")
+_RUNTIME_FIELDS = ("checkpoint_dir", "checkpoint_every", "show_progress", "fused_scoring")
 # settings that only shape a distillation run (left out of an NTP run's protocol, so older checkpoints still resume)
 _DISTILL_FIELDS = ("objective", "teacher_context_tokens", "distill_top_k", "ntp_weight")
 # settings that only shape a self-study run (left out when self_study_questions is 0, for the same reason)
@@ -119,6 +119,13 @@ class MemorizeConfig:
         checkpoint_dir: save a resumable checkpoint here, and resume from the one found there.
         checkpoint_every: save after every this many chunks (and after the last).
         show_progress: show a progress bar with the running perplexity and tokens/s (on rank 0).
+        fused_scoring: score each chunk from its first training step's forward instead of a forward of its own (the
+            same parameters, prefix and tokens give the same logits, so one forward of the ``1 + 2 * steps`` forward
+            and backward passes per chunk is saved; results equal the two-pass run's up to float rounding, tested).
+            ``None`` (default): fused whenever it is exact, i.e. with at least one step per chunk and no dropout
+            active in training (a ``Dropout`` with ``p > 0``, such as LoRA's ``lora_dropout``, or attention dropout
+            in the model config), since scoring runs without dropout; ``False``: always two passes. Not part of the
+            protocol: a checkpoint resumes under either.
     """
 
     chunk_tokens: int = 512
@@ -142,6 +149,7 @@ class MemorizeConfig:
     checkpoint_dir: str | Path | None = None
     checkpoint_every: int = 1
     show_progress: bool = False
+    fused_scoring: bool | None = None
 
     def __post_init__(self) -> None:
         _check_int("chunk_tokens", self.chunk_tokens, minimum=2)
@@ -157,6 +165,9 @@ class MemorizeConfig:
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and 0 < value < math.inf):
                 raise ValueError(f"MemorizeConfig: `{name}` must be a positive number or None, got {value!r}.")
+        if not (self.fused_scoring is None or isinstance(self.fused_scoring, bool)):
+            fused = self.fused_scoring
+            raise ValueError(f"MemorizeConfig: `fused_scoring` must be True, False or None, got {fused!r}.")
         if not (_is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf):
             raise ValueError(f"MemorizeConfig: `weight_decay` must be a number >= 0, got {self.weight_decay!r}.")
         if self.init is not None and self.init not in METHODS:
@@ -334,19 +345,23 @@ def memorize(
     elapsed_before = result.wall_time_s
     was_training = peft_model.training
     bar = _progress_bar(windows, done, config.show_progress and text.ranks.is_main, "memorize")
+    fused = fuses_scoring(peft_model, config)
     try:
         for index in range(done, len(windows)):
             window = windows[index]
             peft_model.eval()
-            score, baseline = text.score(peft_model, window, config.compare_baseline)
+            score, baseline = text.score(peft_model, window, config.compare_baseline, skip_adapter=fused)
             teaching = objective.uses_teacher and config.steps_per_chunk > 0
             teacher = text.teacher(peft_model, window, teacher_context, config.distill_top_k) if teaching else None
             peft_model.train()
             train_loss = torch.zeros((), device=text.ids.device)
             # the schedule's clock: every chunk takes its nominal steps (also where self-study found no question)
             update.step = index * (config.steps_per_chunk + config.study_steps)
-            for _ in range(config.steps_per_chunk):
-                train_loss += text.backward(peft_model, window, loss, teacher)
+            for step in range(config.steps_per_chunk):
+                part, nll = text.backward(peft_model, window, loss, teacher)
+                if fused and step == 0:  # the first step's forward is the scoring forward (before any update)
+                    score = text.ranks.sum(nll) / window.scored
+                train_loss += part
                 update()
             mean_train_loss = text.ranks.sum(train_loss) / config.steps_per_chunk if config.steps_per_chunk else None
             studied = study.run(text.ids[window.start : window.end], index, update) if study is not None else None
@@ -424,10 +439,13 @@ class _Reader:
         keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         return cls(torch.tensor(ids, dtype=torch.long, device=device), Ranks.current(), keeps_logits)
 
-    def score(self, model: torch.nn.Module, window: Window, baseline: bool) -> tuple[float, float | None]:
-        """Mean NLL of the window's scored tokens, and with the adapter disabled when ``baseline``; no gradients."""
+    def score(
+        self, model: torch.nn.Module, window: Window, baseline: bool, skip_adapter: bool = False
+    ) -> tuple[float | None, float | None]:
+        """Mean NLL of the window's scored tokens (``None`` when ``skip_adapter``: the first training step scores),
+        and with the adapter disabled when ``baseline``; no gradients."""
         with torch.no_grad():
-            loss = self._mean(model, window)
+            loss = None if skip_adapter else self._mean(model, window)
             if not baseline:
                 return loss, None
             with model.disable_adapter():
@@ -448,15 +466,20 @@ class _Reader:
 
     def backward(
         self, model: torch.nn.Module, window: Window, loss: Callable, teacher: TeacherTargets | None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backpropagate this rank's part of the window's mean ``loss`` (an objective's loss, summed over positions;
-        the ranks' parts sum to the mean) and return that part, detached (0 for an empty share)."""
+        the ranks' parts sum to the mean) and return that part, detached, with this rank's summed next-token NLL
+        from the same forward (what scoring computes; both 0 for an empty share)."""
         share = window.share(self.ranks.rank, self.ranks.size)
         if not share.scored:
-            return self.ids.new_zeros((), dtype=torch.float32)
-        part = loss(self._logits(model, share), self.ids[share.first : share.end], teacher) / window.scored
+            zero = self.ids.new_zeros((), dtype=torch.float32)
+            return zero, zero
+        logits, targets = self._logits(model, share), self.ids[share.first : share.end]
+        part = loss(logits, targets, teacher) / window.scored
         part.backward()
-        return part.detach()
+        with torch.no_grad():
+            nll = next_token_loss(logits.detach(), targets, None, 0.0)
+        return part.detach(), nll
 
     def _mean(self, model: torch.nn.Module, window: Window) -> float:
         share = window.share(self.ranks.rank, self.ranks.size)
@@ -495,6 +518,26 @@ class _Update:
         if self.clip is not None:
             self.clip()
         self.step += 1
+
+
+def fuses_scoring(model: torch.nn.Module, config: MemorizeConfig) -> bool:
+    """Whether `memorize()` scores each chunk from its first training step's forward (``config.fused_scoring``;
+    ``None``: when that forward is exact, i.e. at least one step per chunk and no dropout active in training)."""
+    if config.steps_per_chunk == 0 or config.fused_scoring is False:
+        return False
+    return bool(config.fused_scoring) or not has_dropout(model)
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether training mode changes the model's forward through dropout: a ``Dropout`` module with ``p > 0`` (LoRA's
+    ``lora_dropout``, GPT-2's residual dropout...) or an attention dropout probability in its (text) config."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    config = getattr(base, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    keys = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
+    return any(isinstance(getattr(config, key, 0), float) and getattr(config, key) > 0 for key in keys)
 
 
 def _learning_rate(recipe: dict[str, float], step: int) -> float:
