@@ -16,6 +16,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from .offload import is_offloaded
 from .projections import (
     append_input_units,
     append_output_units,
@@ -141,7 +142,14 @@ class BlockKind(ABC):
         return units
 
     def check_mergeable(self, block: nn.Module) -> None:
-        """Raise, before anything changes, if a projection of ``block`` cannot be rewritten."""
+        """Raise, before anything changes, if a projection of ``block`` cannot be rewritten (quantized by a library
+        this package cannot re-quantize with, or offloaded by accelerate)."""
+        if any(is_offloaded(p) for p in self.projections(block)):
+            raise ValueError(
+                "Cannot merge a Locas memory into an offloaded MLP block (device_map 'cpu'/'disk'): its weights are "
+                "not in memory to be rewritten. Load the base model without offloading to merge, or keep the adapter "
+                "unmerged."
+            )
         for projection in self.projections(block):
             if not can_rewrite(projection):
                 raise TypeError(

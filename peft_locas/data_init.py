@@ -40,6 +40,7 @@ from .initialization import (
 )
 from .layer import LocasLayer
 from .nlsvd import principal_keys
+from .offload import execution_device
 from .resize import grow_locas_memory, locas_config, locas_layers, write_locas_memories
 
 #: method -> the memory variants it applies to
@@ -372,10 +373,6 @@ class _Stream:
         return tokens
 
 
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(p.device for p in module.parameters())
-
-
 def _select(activation: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
     """The rows of a ``(..., features)`` activation at the batch's counted tokens."""
     if activation.shape[:-1].numel() != mask.numel():
@@ -393,7 +390,7 @@ def _unit_activity(stream: _Stream, layers: Mapping[str, LocasLayer]) -> dict[st
     # every BlockKind lists its output projection last
     projections = {name: layer.block_kind.output_projection(layer.get_base_layer()) for name, layer in layers.items()}
     sums = {
-        name: torch.zeros(layer.block_kind.width(layer.get_base_layer()), device=_device(projections[name]))
+        name: torch.zeros(layer.block_kind.width(layer.get_base_layer()), device=execution_device(projections[name]))
         for name, layer in layers.items()
     }
 

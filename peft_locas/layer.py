@@ -14,6 +14,7 @@ from .blocks import BlockKind, Units
 from .config import LocasConfig
 from .initialization import auto_tau, data_free_memory
 from .memory import LocasMemory, stacked_output
+from .offload import execution_device
 from .projections import projection_size
 
 
@@ -54,8 +55,14 @@ class LocasLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: LocasConfig) -> None:
         """Create the memory of ``adapter_name`` from the block's weights (see ``LocasConfig.init_weights``)."""
         base_units = self.block_kind.read_units(self.get_base_layer())
-        memory = data_free_memory(base_units, config.r, config.init_weights)
-        tau = auto_tau(base_units, config.r) if config.tau == "auto" else float(config.tau)
+        if base_units.key.is_meta:
+            # weights that are nowhere to be read: PEFT's `from_pretrained` takes accelerate's hooks off an offloaded
+            # model before it creates the adapter, then loads the adapter's saved weights and tau over it
+            memory = Units(*(None if t is None else torch.zeros(config.r, t.shape[1]) for t in base_units))
+            tau = 1.0 if config.tau == "auto" else float(config.tau)
+        else:
+            memory = data_free_memory(base_units, config.r, config.init_weights)
+            tau = auto_tau(base_units, config.r) if config.tau == "auto" else float(config.tau)
         self.set_memory(adapter_name, memory, tau, dtype=base_units.key.dtype)
         if config.max_norm is not None:
             self.locas_memory[adapter_name].clip_(config.max_norm)
@@ -67,7 +74,7 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         The width may differ from the current one (initialisers that grow or compress a memory use this). A replaced
         memory's dtype (unless ``dtype`` is given) and trainability carry over to the new one.
         """
-        device = next(self.get_base_layer().parameters()).device
+        device = execution_device(self.get_base_layer())  # not `meta` for an offloaded block
         old = self.locas_memory[adapter_name] if adapter_name in self.locas_memory else None
         dtype = dtype or (old.key.dtype if old is not None else memory.key.dtype)
         self.locas_memory[adapter_name] = LocasMemory(memory, tau, device=device, dtype=dtype)
@@ -187,7 +194,7 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         # A memory keeps its own dtype (fp32 by default, see PEFT's autocast_adapter_dtype); only the device follows.
         memory = self.locas_memory[adapter_name] if adapter_name in self.locas_memory else None
         if memory is not None and not any(p.is_meta for p in memory.parameters()):
-            memory.to(device or next(self.get_base_layer().parameters()).device)
+            memory.to(device or execution_device(self.get_base_layer()))
 
     def __repr__(self) -> str:
         return "locas." + super().__repr__()

@@ -18,6 +18,7 @@ from .config import LocasConfig
 from .export import check_pad_to_multiple_of, dequantize_base_model, make_block_widths_uniform
 from .initialization import check_cloning_width
 from .layer import LocasLayer
+from .offload import execution_device
 from .projections import protect_layout_
 from .registration import LOCAS_PREFIX
 
@@ -59,6 +60,7 @@ class LocasModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: LocasConfig, model: nn.Module) -> None:
+        _check_disk_offload(model)
         for module in model.modules():
             protect_layout_(module)
         blocks = [name for name, _, _ in iter_mlp_blocks(model)]
@@ -181,11 +183,14 @@ class LocasModel(BaseTuner):
                 handle.remove()
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's version moves the adapter to the device of the child's first parameter, which is `meta` for a block
+        # accelerate offloaded (the memory's values would be lost), and assumes a single-weight layer when unloading
+        setattr(parent, child_name, new_module)
         if isinstance(new_module, LocasLayer):
-            super()._replace_module(parent, child_name, new_module, child)
-        else:
-            # unloading puts the wrapped block back as it is; PEFT's version assumes a single-weight layer here
-            setattr(parent, child_name, new_module)
+            device = execution_device(new_module.get_base_layer())
+            for memory in new_module.locas_memory.values():
+                if not any(p.is_meta for p in memory.parameters()):
+                    memory.to(device)
 
     def add_weighted_adapter(
         self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "cat"
@@ -287,6 +292,21 @@ class LocasModel(BaseTuner):
             blocks = [(module, kind) for _, module, kind in iter_mlp_blocks(model)]
             make_block_widths_uniform(model, blocks, multiple_of=pad_to_multiple_of or 1)
         return model
+
+
+def _check_disk_offload(model: nn.Module) -> None:
+    """Refuse what PEFT's ``from_pretrained`` does to a base with disk-offloaded blocks: it takes accelerate's hooks
+    off and renames the offloaded weights for adapters that wrap single layers, which fails for Locas's block-wrapping
+    layers (a ``KeyError`` after loading). ``get_peft_model`` keeps the hooks and works."""
+    disk = sorted(name for name, where in (getattr(model, "hf_device_map", None) or {}).items() if where == "disk")
+    hooked = any(hasattr(module, "_hf_hook") for module in model.modules())
+    if disk and not hooked:
+        raise ValueError(
+            f"Locas cannot load an adapter onto a base whose blocks {_summarise(disk)} are offloaded to disk with "
+            "PeftModel.from_pretrained (PEFT renames offloaded weights for single-layer adapters only): create the "
+            "adapter with get_peft_model(model, LocasConfig(...)) on the offloaded model, then load its weights with "
+            "peft.set_peft_model_state_dict(model, safetensors.torch.load_file(ADAPTER/'adapter_model.safetensors'))"
+        )
 
 
 class _MixedBatch:

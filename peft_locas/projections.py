@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .offload import is_offloaded, onloaded
+
 
 class ProjectionWeights(NamedTuple):
     """A projection's parameters in ``nn.Linear`` orientation: ``weight`` is ``(out_features, in_features)``."""
@@ -96,6 +98,9 @@ def can_rewrite(layer: nn.Module) -> bool:
 
 @read_projection.register
 def _(layer: nn.Linear) -> ProjectionWeights:
+    if is_offloaded(layer):  # loaded back as accelerate's hook does, copied before it puts them away again
+        with onloaded(layer):
+            return ProjectionWeights(layer.weight.clone(), None if layer.bias is None else layer.bias.clone())
     return ProjectionWeights(layer.weight, layer.bias)
 
 
@@ -109,6 +114,9 @@ def _(layer: nn.Linear, weights: ProjectionWeights) -> None:
 
 @read_projection.register
 def _(layer: Conv1D) -> ProjectionWeights:
+    if is_offloaded(layer):
+        with onloaded(layer):
+            return ProjectionWeights(layer.weight.T.clone(), None if layer.bias is None else layer.bias.clone())
     return ProjectionWeights(layer.weight.T, layer.bias)
 
 
