@@ -305,6 +305,7 @@ class _Stream:
         self.model, self.dataloader, self.forward_fn, self.ranks = peft_model, dataloader, forward_fn, ranks
         self.show_progress_bar = show_progress_bar and ranks.is_main
         self.device = next(p.device for p in peft_model.parameters() if p.device.type != "meta")
+        self.seen = 0  # batches of the current pass on this rank
 
     @contextmanager
     def frozen_base(self) -> Iterator[None]:
@@ -325,8 +326,8 @@ class _Stream:
     def batches(
         self, mask_fn: Callable[[Mapping[str, Any]], torch.Tensor]
     ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        """Each batch on the model's device with its ``mask_fn`` mask; raises if there is no batch on any rank."""
-        count = 0
+        """Each batch on the model's device with its ``mask_fn`` mask, counted in ``self.seen``; local (no collective),
+        so that `run` can make every rank fail together. Raises ``ValueError`` for an invalid batch."""
         for index, batch in enumerate(tqdm(self.dataloader, desc="Locas init", disable=not self.show_progress_bar)):
             if not isinstance(batch, Mapping) or "input_ids" not in batch:
                 found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
@@ -341,9 +342,17 @@ class _Stream:
                     f"init_locas_weights: batch {index} has no valid token (attention_mask 1 and labels != -100"
                     f"{', followed by a valid target' if mask_fn is _target_mask else ''}); drop it or fix its masks."
                 )
-            count += 1
+            self.seen += 1
             yield batch, mask
-        total = torch.tensor([count], device=self.device)
+
+    @contextmanager
+    def run(self) -> Iterator[None]:
+        """Around a pass over `batches`: an error on any rank ends the pass on every rank (`Ranks.failing_together`:
+        no rank is left waiting in the next collective), and a pass with no batch on any rank is an error."""
+        self.seen = 0
+        with self.ranks.failing_together("init_locas_weights"):
+            yield
+        total = torch.tensor([self.seen], device=self.device)
         self.ranks.sum_([total])
         if total.item() == 0:
             raise ValueError("init_locas_weights: the dataloader is empty; give it at least one batch of the context.")
@@ -362,7 +371,7 @@ class _Stream:
         handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
         tokens = 0
         try:
-            with self.frozen_base(), torch.no_grad():
+            with self.run(), self.frozen_base(), torch.no_grad():
                 for batch, mask in self.batches(_token_mask):
                     current["mask"] = mask
                     tokens += int(mask.sum())
@@ -451,7 +460,7 @@ def _gradient_slots(
     values = {name: [torch.zeros(0, memory.value.shape[1])] for name, memory in current.items()}
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
     try:
-        with stream.frozen_base(), torch.enable_grad():
+        with stream.run(), stream.frozen_base(), torch.enable_grad():
             for batch, mask in stream.batches(_target_mask):
                 outputs = stream.forward_fn(stream.model, batch)
                 logits = outputs.logits if hasattr(outputs, "logits") else outputs

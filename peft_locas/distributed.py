@@ -9,7 +9,8 @@ same under ``torchrun`` and ``accelerate launch``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,29 @@ class Ranks:
         dist.all_reduce(flat)
         for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters]), strict=True):
             parameter.grad = grad.view_as(parameter)
+
+    @contextmanager
+    def failing_together(self, what: str) -> Iterator[None]:
+        """Run a local phase (no collective in it) so that an error on one rank is an error on every rank: once all
+        ranks are through the phase they exchange their errors; the failing rank raises its own, the others a
+        ``ValueError`` naming the first failed rank and its error. Without this, the other ranks would wait forever
+        in the next collective for a rank that has left."""
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as exc:  # re-raised below, once every rank knows
+            if not self.distributed:
+                raise
+            error = exc
+        if not self.distributed:
+            return
+        messages = self.gather(None if error is None else f"{type(error).__name__}: {str(error).strip()}")
+        if error is not None:
+            raise error
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise ValueError(f"{what}: rank {rank} failed: {message}")
 
     def barrier(self) -> None:
         if self.distributed:

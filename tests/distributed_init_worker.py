@@ -37,13 +37,22 @@ def memories(family: str, method: str, batches: list[dict[str, torch.Tensor]]) -
     }
 
 
-def main(rank: int, world_size: int, store: str, output: str) -> None:
+def main(rank: int, world_size: int, store: str, output: str, mode: str = "good") -> None:
+    """``mode="bad"``: rank 1's batch lacks ``input_ids``; every rank prints its one-line error and exits with 1."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        torch.save({case: memories(*case, shard(rank)) for case in CASES}, output)
+        if mode == "bad":
+            batches = shard(rank) if rank == 0 else [{"labels": tokens(1, 6, seed=13)}]
+            try:
+                memories("llama", "top_k", batches)
+            except ValueError as exc:
+                print(f"error: {exc}")
+                sys.exit(1)
+        else:
+            torch.save({case: memories(*case, shard(rank)) for case in CASES}, output)
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], *sys.argv[5:])
