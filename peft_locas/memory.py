@@ -10,6 +10,7 @@ from torch import nn
 
 from .blocks import Units
 from .initialization import clip_rows_
+from .zero import clip_zero_rows_, is_zero_managed
 
 
 class LocasMemory(nn.Module):
@@ -58,9 +59,12 @@ class LocasMemory(nn.Module):
         return Units(self.gate, self.key, self.value * self.tau.to(self.value.dtype))
 
     def clip_(self, max_norm: float) -> None:
-        """Project each gate/key/value row onto the L2 ball of radius ``max_norm`` (in place)."""
+        """Project each gate/key/value row onto the L2 ball of radius ``max_norm`` (in place); under DeepSpeed ZeRO,
+        also the optimiser's master rows (`peft_locas.zero`), a collective operation."""
         for rows in (self.gate, self.key, self.value):
-            if rows is not None:
+            if rows is not None and is_zero_managed(rows):
+                clip_zero_rows_(rows, max_norm)
+            elif rows is not None:
                 clip_rows_(rows, max_norm)
 
     def extra_repr(self) -> str:
