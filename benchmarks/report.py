@@ -190,6 +190,26 @@ def batch_memorize_table(result: dict[str, Any]) -> str:
     )
 
 
+def profile_step_table(result: dict[str, Any]) -> str:
+    """Where a memorisation step's time goes, and which weight gradients its backward computes."""
+    lines = [
+        source_line(result, "profile_step"),
+        f"One training step of Locas r={result['r']} over a {result['tokens']}-token window "
+        f"({result['seconds_per_step']:.2f} s per step under the profiler): forward {result['forward_share']:.0%}, "
+        f"backward {result['backward_share']:.0%}. Matrix products per step: {result['forward_products_per_step']:.0f} "
+        f"in the forward, {result['backward_products_per_step']:.0f} in the backward; weight gradients: "
+        f"{result['memory_weight_gradients_per_step']:.0f} for the {result['memory_parameters']} memory matrices, "
+        f"{result['frozen_weight_gradients_per_step']:.0f} for frozen weights; embedding backward calls: "
+        f"{result['embedding_backward_calls']}.\n",
+        table(result["top_ops"], {"op": lambda op: f"`{op}`", "calls per step": fixed(0), "self CPU share": percent1}),
+    ]
+    return "\n".join(lines)
+
+
+def percent1(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
 def targets_table(results: dict[str, dict[str, Any]]) -> str:
     """Each target of the benchmark issue beside its measurement, and whether it is met."""
     rows = []
@@ -402,6 +422,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "merge_fidelity": merge_fidelity_table,
     "init_ablation": init_ablation_table,
     "batch_memorize": batch_memorize_table,
+    "profile_step": profile_step_table,
 }
 
 

@@ -91,6 +91,17 @@ def test_batch_memorize_smallest_mode(tmp_path):
     assert row["speed-up"] == pytest.approx(row["batched tok/s"] / row["sequential tok/s"])
 
 
+def test_profile_step_smallest_mode(tmp_path):
+    """The profile finds a weight gradient for every memory matrix and none for a frozen weight or the embedding."""
+    out = tmp_path / "profile.json"
+    run_benchmark("profile_step.py", "--out", str(out), "--r", "8")
+    result = json.loads(out.read_text())
+    assert result["memory_weight_gradients_per_step"] == result["memory_parameters"] == 6  # 2 blocks x gate/key/value
+    assert result["frozen_weight_gradients_per_step"] == 0 and result["embedding_backward_calls"] == 0
+    assert result["forward_share"] + result["backward_share"] == pytest.approx(1.0)
+    assert result["top_ops"] and result["seconds_per_step"] > 0
+
+
 def test_book_ppl_and_forgetting_smallest_mode(tmp_path):
     """book_ppl runs every method once per book in its own process; a rerun reuses them; forgetting reuses the
     memories book_ppl trained (same protocol, same checkpoints)."""
@@ -204,6 +215,7 @@ def test_benchmarks_explain_themselves():
         "recall_study.py",
         "compose.py",
         "batch_memorize.py",
+        "profile_step.py",
         "report.py",
     ]
     code = f"""
