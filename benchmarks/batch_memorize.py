@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from common import add_common_arguments, apply_threads, book_token_ids, load_model, print_table, write_results
+from common import add_common_arguments, apply_threads, book_token_ids, finish, load_model, start_clock
 
 from peft_locas import LocasConfig, MemorizeConfig, memorize
 from peft_locas.assets import ALL_BOOKS
@@ -125,23 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     if max(sizes) > len(ALL_BOOKS):
         raise SystemExit(f"error: at most {len(ALL_BOOKS)} texts (one per prepared book), got B={max(sizes)}")
     rounds = args.rounds or (1 if args.quick else 3)
-    started = time.perf_counter()
+    start_clock(args)
     runs: dict[int, dict[str, list[dict[str, Any]]]] = {b: {"batched": [], "sequential": []} for b in sizes}
     for round_index in range(rounds):
         for batch in sizes:
             for way in ("batched", "sequential") if round_index % 2 == 0 else ("sequential", "batched"):
                 runs[batch][way].append(run_child(args, way, batch))
                 print(f"round {round_index + 1}/{rounds}, B={batch}, {way}: {runs[batch][way][-1]['seconds']:.1f} s")
-    rows = [summarise(batch, runs[batch]) for batch in sizes]
-    print_table(rows, COLUMNS)
-    seconds = time.perf_counter() - started
-    path = write_results(
-        "batch_memorize",
-        args,
-        {"rows": rows, "tokens_per_text": args.tokens, "r": args.r, "rounds": rounds, "seconds": seconds},
+    rows = [summarise(batch, runs[batch]) for batch in sizes]  # the children's CPU times are in the rows
+    return finish(
+        "batch_memorize", args, rows, COLUMNS, {"tokens_per_text": args.tokens, "r": args.r, "rounds": rounds}
     )
-    print(f"results: {path} ({seconds:.0f} s; children's CPU time is in the rows)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -140,6 +140,23 @@ def write_results(name: str, args: argparse.Namespace, results: dict[str, Any]) 
     return out
 
 
+def finish(
+    name: str, args: argparse.Namespace, rows: list[dict[str, Any]], columns: list[str], results: dict[str, Any]
+) -> int:
+    """Print ``rows`` as a table, write them with ``results`` (and the wall and CPU time since ``args.started``,
+    ``args.cpu_started``) as the benchmark's JSON, and say where; returns the exit status 0."""
+    print_table(rows, columns)
+    seconds, cpu_seconds = time.perf_counter() - args.started, time.process_time() - args.cpu_started
+    path = write_results(name, args, {"rows": rows, **results, "seconds": seconds, "cpu_seconds": cpu_seconds})
+    print(f"results: {path} ({seconds:.0f} s, CPU {cpu_seconds:.0f} s in this process)")
+    return 0
+
+
+def start_clock(args: argparse.Namespace) -> None:
+    """Record the wall and CPU clocks `finish` measures from."""
+    args.started, args.cpu_started = time.perf_counter(), time.process_time()
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     """A plain aligned table on stdout."""
     cells = [[_format(row.get(c)) for c in columns] for row in rows]

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from book_ppl import add_protocol_arguments, locas_spec, memorize_run
-from common import add_common_arguments, apply_threads, book_token_ids, load_model, print_table, write_results
+from common import add_common_arguments, apply_threads, book_token_ids, finish, load_model, start_clock
 from peft import PeftModel
 
 from peft_locas import evaluate
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args.tokens = args.tokens or (2048 if args.quick else 8192)
     args.work = args.work or str(Path.home() / ".cache/peft-locas/benchmarks" / f"compose{'_quick' * args.quick}")
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    started, cpu = time.perf_counter(), time.process_time()
+    start_clock(args)
 
     base, tokenizer = load_model(args.model)
     texts = {book: book_token_ids(tokenizer, book, args.tokens) for book in books}
@@ -90,16 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             row = table[book]
             row["merged composed"] = perplexity(merged, ids, args)
             row["gain kept"] = (row["base"] - row["composed"]) / (row["base"] - row["own memory"])
-    rows = list(table.values())
-    print_table(rows, COLUMNS)
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
-    path = write_results(
-        "compose",
-        args,
-        {"rows": rows, "tokens": args.tokens, "r": args.r, "seconds": seconds, "cpu_seconds": cpu_seconds},
-    )
-    print(f"results: {path} ({seconds:.0f} s, CPU {cpu_seconds:.0f} s)")
-    return 0
+    return finish("compose", args, list(table.values()), COLUMNS, {"tokens": args.tokens, "r": args.r})
 
 
 if __name__ == "__main__":

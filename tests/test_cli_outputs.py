@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_checkpoint import make_checkpoint, sample_text
+from tiny_checkpoint import make_checkpoint, write_texts
 
 from peft_locas import cli
 
@@ -42,10 +42,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("outputs")
-    texts = root / "texts"
-    texts.mkdir()
-    (texts / "a.txt").write_text(sample_text(400, seed=1), encoding="utf-8")
-    (texts / "b.md").write_text(sample_text(300, seed=2), encoding="utf-8")
+    texts = write_texts(root / "texts", {"a.txt": (400, 1), "b.md": (300, 2)})
     (texts / "notes.json.bak").write_text("not a text of the folder")
     return {
         "root": root,

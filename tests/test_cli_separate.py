@@ -5,7 +5,7 @@ import json
 
 import pytest
 from safetensors.torch import load_file
-from tiny_checkpoint import make_checkpoint, sample_text
+from tiny_checkpoint import make_checkpoint, write_texts
 
 from peft_locas import cli
 
@@ -17,12 +17,9 @@ RUN = ["--chunk-tokens", "64", "--context-tokens", "16", "--steps-per-chunk", "1
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("separate")
-    texts = root / "texts"
-    texts.mkdir()
-    (texts / "first.txt").write_text(sample_text(300, seed=1), encoding="utf-8")
-    (texts / "second.md").write_text(sample_text(200, seed=2), encoding="utf-8")
-    (root / "third text.txt").write_text(sample_text(150, seed=3), encoding="utf-8")
-    return {"root": root, "main": make_checkpoint(root / "main"), "texts": texts, "third": root / "third text.txt"}
+    write_texts(root, {"texts/first.txt": (300, 1), "texts/second.md": (200, 2), "third text.txt": (150, 3)})
+    third = root / "third text.txt"
+    return {"root": root, "main": make_checkpoint(root / "main"), "texts": root / "texts", "third": third}
 
 
 def memorize(files, out, *extra):

@@ -86,3 +86,11 @@ def stopping_llama(tokenizer) -> tf.LlamaForCausalLM:
     with torch.no_grad():
         model.lm_head.weight[tokenizer.eos_token_id] = 1.2 * model.lm_head.weight[270]
     return model
+
+
+def write_texts(folder: Path, texts: dict[str, tuple[int, int]]) -> Path:
+    """Write `sample_text(words, seed)` files, ``{relative path: (words, seed)}``, under ``folder``; returns it."""
+    for name, (words, seed) in texts.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(sample_text(words, seed=seed), encoding="utf-8")
+    return folder
