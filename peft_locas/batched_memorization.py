@@ -23,8 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,12 +33,12 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
-from .checkpointing import adapter_settings, fingerprint, load_checkpoint, save_checkpoint
+from .checkpointing import load_checkpoint, save_checkpoint
 from .chunking import Window, chunk_windows, tokens_and_boundaries
 from .config import LocasConfig
 from .data_init import init_locas_weights
 from .distributed import Ranks
-from .memorization import MemorizeConfig, _Reader, _Update, fuses_scoring
+from .memorization import MemorizeConfig, _Reader, _Update, fuses_scoring, run_fingerprint_of
 from .objectives import OBJECTIVES, TeacherTargets, model_positions, next_token_loss
 from .results import MemorizeResult
 
@@ -133,6 +131,7 @@ def memorize_batch(
     _make_trainable(peft_model, names)  # before the optimisers collect their parameters
     texts_state = [_text_state(peft_model, config, adapter_config, ranks, *entry) for entry in batch]
     elapsed_before = max(text.result.wall_time_s for text in texts_state)
+    fused = fuses_scoring(peft_model, config)  # walks every module: once per run, not per round
     was_training = peft_model.training
     total = sum(w.scored for text in texts_state for w in text.windows)
     initial = sum(w.scored for text in texts_state for w in text.windows[: text.done])
@@ -147,7 +146,7 @@ def memorize_batch(
     )
     try:
         while rows := [text for text in texts_state if text.done < len(text.windows)]:
-            measured = _round(peft_model, rows, config, loss, teacher_context, objective.uses_teacher)
+            measured = _round(peft_model, rows, config, loss, teacher_context, objective.uses_teacher, fused)
             elapsed = elapsed_before + time.perf_counter() - started
             for text, (score, baseline, train_loss) in zip(rows, measured, strict=True):
                 window = text.windows[text.done]
@@ -182,12 +181,12 @@ def _round(
     loss: Callable,
     teacher_context: int,
     uses_teacher: bool,
+    fused: bool,
 ) -> list[tuple[float, float | None, float | None]]:
     """One chunk of every row's text: score (and the baseline), the teachers, then ``steps_per_chunk`` steps;
     returns ``(score, baseline, mean train loss)`` per row."""
     names = [text.name for text in rows]
     windows = [text.windows[text.done] for text in rows]
-    fused = fuses_scoring(model, config)
     model.eval()
     scores: list[float] = []
     with torch.no_grad():
@@ -269,12 +268,8 @@ def _text_state(
     recipe = config.recipe("locas")
     optimizer = torch.optim.AdamW(parameters, lr=recipe["lr"], eps=recipe["adam_eps"], weight_decay=config.weight_decay)
     clip = functools.partial(peft_model.clip_memory_norms_, [name])
-    run_fingerprint = None
-    if config.checkpoint_dir is not None:
-        protocol = dataclasses.replace(config, adapter_name=name).protocol("locas")
-        if starts is not None:  # as memorize(): the same tokens chunked elsewhere are another run
-            protocol["unit_starts_sha256"] = hashlib.sha256(json.dumps(starts).encode()).hexdigest()
-        run_fingerprint = fingerprint(peft_model, adapter_settings(adapter_config), protocol, ids)
+    single_run = dataclasses.replace(config, adapter_name=name)  # each checkpoint is that single-text run's
+    run_fingerprint = run_fingerprint_of(peft_model, single_run, adapter_config, "locas", ids, starts)
     checkpoint = dict(
         peft_model=peft_model,
         adapter_name=name,

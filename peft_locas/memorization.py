@@ -282,13 +282,7 @@ def memorize(
     teacher_context = 0
     if objective.uses_teacher:
         teacher_context = config.teacher_context_tokens or model_positions(peft_model, config.student_tokens)
-    run_fingerprint = None
-    if config.checkpoint_dir is not None:
-        settings = adapter_settings(adapter_config)
-        protocol = config.protocol(adapter_type)
-        if unit_starts is not None:  # the same tokens chunked elsewhere are another run
-            protocol["unit_starts_sha256"] = hashlib.sha256(json.dumps(unit_starts).encode()).hexdigest()
-        run_fingerprint = fingerprint(peft_model, settings, protocol, ids)
+    run_fingerprint = run_fingerprint_of(peft_model, config, adapter_config, adapter_type, ids, unit_starts)
     text = _Reader.of(peft_model, ids)
     study = None
     if config.self_study_questions:
@@ -518,6 +512,24 @@ class _Update:
         if self.clip is not None:
             self.clip()
         self.step += 1
+
+
+def run_fingerprint_of(
+    peft_model: PeftModel,
+    config: MemorizeConfig,
+    adapter_config: PeftConfig,
+    adapter_type: str,
+    ids: Sequence[int],
+    unit_starts: Sequence[int] | None,
+) -> dict[str, Any] | None:
+    """What a checkpoint of this run must match to resume it (`checkpointing.fingerprint`), ``None`` without
+    ``checkpoint_dir``; the unit starts are part of it, since the same tokens chunked elsewhere are another run."""
+    if config.checkpoint_dir is None:
+        return None
+    protocol = config.protocol(adapter_type)
+    if unit_starts is not None:
+        protocol["unit_starts_sha256"] = hashlib.sha256(json.dumps(list(unit_starts)).encode()).hexdigest()
+    return fingerprint(peft_model, adapter_settings(adapter_config), protocol, ids)
 
 
 def fuses_scoring(model: torch.nn.Module, config: MemorizeConfig) -> bool:
