@@ -254,6 +254,38 @@ def targets_table(results: dict[str, dict[str, Any]]) -> str:
     return table(rows, {"target": None, "measured": None, "met": None})
 
 
+def steps_target(book: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 14's steps-per-chunk target on one book of `steps_pareto.py`'s rows: the cheapest Locas setting (CPU
+    time) whose perplexity is at or below LoRA's best takes at most 0.5x the time of LoRA's best setting (wall and
+    CPU; stretch 0.4x). LoRA's best is its lowest perplexity over step counts (the cheaper one on a tie)."""
+    ours = [row for row in rows if row["book"] == book]
+    lora = min((row for row in ours if row["method"] == "lora"), key=lambda row: (row["ppl"], row["CPU s"]))
+    good = [row for row in ours if row["method"] == "locas" and row["ppl"] <= lora["ppl"]]
+    target = {"book": book, "lora best": {key: lora[key] for key in ("steps", "lr", "ppl", "wall s", "CPU s")}}
+    if not good:
+        best = min((row for row in ours if row["method"] == "locas"), key=lambda row: row["ppl"])
+        summary = f"{title(book)}: no Locas setting reaches LoRA's best perplexity {lora['ppl']:.2f} (Locas best "
+        summary += f"{best['ppl']:.2f} at {best['steps']} steps)"
+        return {**target, "locas": None, "cpu ratio": None, "wall ratio": None, "met": False, "summary": summary}
+    locas = min(good, key=lambda row: row["CPU s"])
+    cpu, wall = locas["CPU s"] / lora["CPU s"], locas["wall s"] / lora["wall s"]
+    met, stretch = max(cpu, wall) <= 0.5, max(cpu, wall) <= 0.4
+    summary = (
+        f"{title(book)}: Locas at {locas['steps']} steps ({locas['ppl']:.2f}) vs LoRA's best at {lora['steps']} steps "
+        f"({lora['ppl']:.2f}): CPU {cpu:.2f}x, wall {wall:.2f}x; target 0.5x {'met' if met else 'missed'}"
+        f"{', stretch 0.4x met' if stretch else ''}"
+    )
+    return {
+        **target,
+        "locas": {key: locas[key] for key in ("steps", "ppl", "wall s", "CPU s")},
+        "cpu ratio": cpu,
+        "wall ratio": wall,
+        "met": met,
+        "stretch met": stretch,
+        "summary": summary,
+    }
+
+
 #: the paper's LoCoMo F1 (Locas, arXiv 2602.05085, Table 5; Qwen3-1.7B) as it prints them, beside our settings
 PAPER_LOCOMO = [
     {"questions": "single-hop", "category": "4", "window": "long", "paper": (41.6, 37.3, 37.7)},

@@ -102,6 +102,50 @@ def test_profile_step_smallest_mode(tmp_path):
     assert result["top_ops"] and result["seconds_per_step"] > 0
 
 
+def test_steps_pareto_smallest_mode(tmp_path):
+    """Every (book, method, steps) is measured once per round with LoRA's swept rate; perplexity repeats exactly across
+    rounds; the target is evaluated from the rows; a rerun reuses the finished measurements."""
+    out, work = tmp_path / "pareto.json", tmp_path / "work"
+    protocol = ["--tokens", "96", "--chunk", "32", "--context", "8", "--r", "8", "--lora-r", "8", "--steps", "1"]
+    protocol += ["--rounds", "2", "--sweep-tokens", "64", "--lora-lrs", "1e-3,3e-3", "--work", str(work)]
+    protocol += ["--books", "persuasion"]
+    run_benchmark("steps_pareto.py", "--out", str(out), *protocol)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(row["method"], row["steps"]) for row in rows] == [("locas", 1), ("lora", 1)]
+    assert all(len(row["runs"]) == 2 and row["ppl spread"] == 0 and row["CPU s"] > 0 for row in rows)
+    for steps, sweep in result["lora_lr_sweep"].items():
+        chosen = min(sweep["perplexity_by_lr"], key=sweep["perplexity_by_lr"].get)
+        assert sweep["chosen"] == float(chosen)
+        assert all(
+            row["lr"] == sweep["chosen"] for row in rows if (row["method"], row["steps"]) == ("lora", int(steps))
+        )
+    assert [target["book"] for target in result["targets"]] == ["persuasion"]
+    assert (tmp_path / "steps_pareto_quick.png").stat().st_size > 0
+    stored = json.loads((work / "steps_pareto_runs.json").read_text())
+    run_benchmark("steps_pareto.py", "--out", str(out), *protocol)
+    assert json.loads((work / "steps_pareto_runs.json").read_text()) == stored  # nothing measured again
+    assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_steps_target_picks_the_cheapest_locas_setting_at_or_below_loras_best():
+    sys.path.insert(0, str(BENCHMARKS))
+    from report import steps_target
+
+    def row(method, steps, ppl, cpu):
+        return {"book": "emma", "method": method, "steps": steps, "lr": None, "ppl": ppl, "wall s": cpu, "CPU s": cpu}
+
+    rows = [row("lora", 1, 20.0, 50), row("lora", 2, 19.0, 100), row("lora", 4, 19.0, 200)]
+    rows += [row("locas", 1, 19.5, 20), row("locas", 2, 18.9, 45), row("locas", 4, 18.5, 90)]
+    target = steps_target("emma", rows)
+    assert target["lora best"]["steps"] == 2  # the tie at 19.0 goes to the cheaper setting
+    assert target["locas"]["steps"] == 2 and target["cpu ratio"] == pytest.approx(0.45)
+    assert target["met"] and not target["stretch met"]
+    missed = steps_target("emma", rows[:3] + [row("locas", 1, 19.5, 20)])
+    assert missed["locas"] is None and not missed["met"]
+    assert "no Locas setting reaches LoRA's best perplexity 19.00" in missed["summary"]
+
+
 def test_book_ppl_and_forgetting_smallest_mode(tmp_path):
     """book_ppl runs every method once per book in its own process; a rerun reuses them; forgetting reuses the
     memories book_ppl trained (same protocol, same checkpoints)."""
@@ -216,6 +260,7 @@ def test_benchmarks_explain_themselves():
         "compose.py",
         "batch_memorize.py",
         "profile_step.py",
+        "steps_pareto.py",
         "report.py",
     ]
     code = f"""

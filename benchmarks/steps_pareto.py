@@ -1,0 +1,216 @@
+"""Steps per chunk: prequential perplexity against training time for Locas and TempLoRA-style LoRA, at 1, 2 and 4
+optimiser steps per chunk, on real novels read with a short window (`book_ppl.py`'s protocol).
+
+Locas r=``--r`` ``top_k`` runs at its engine default learning rate; LoRA r=64 (TempLoRA's recipe) at the learning
+rate a sweep picks *for each step count* (``--lora-lrs`` on ``--sweep-book``, a novel not benchmarked, lowest
+prequential perplexity wins), since a step count can move LoRA's best rate. Every (book, method, steps) run is a
+child process; the methods alternate in ``--rounds`` interleaved rounds (the order flips every round), so drift on a
+shared machine hits all alike. Perplexity is deterministic (every round gives the same; the JSON keeps each round's
+value to show it), times are medians over rounds with their range, and CPU time is reported beside wall time.
+
+The target (issue: "at most half of TempLoRA's time at equal perplexity"), evaluated by `report.py`'s
+`steps_target`: per book, the cheapest Locas setting whose perplexity is at or below LoRA's best takes at most 0.5x
+of the CPU time of LoRA's best setting (stretch 0.4x). Finished measurements are kept in ``--work``, so a rerun of
+the same command resumes where an interruption stopped.
+
+    python benchmarks/steps_pareto.py [--quick] [--tokens 16384] [--steps 1,2,4] [--rounds 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import add_common_arguments, apply_threads, book_token_ids, finish, load_model, start_clock
+from report import steps_target
+
+from peft_locas import LocasConfig, MemorizeConfig, memorize, templora_config
+
+COLUMNS = ["book", "method", "steps", "lr", "ppl", "wall s", "wall range", "CPU s", "tok/s"]
+
+
+def measure(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """One run in this process: memorise the spec's book with its method and steps; perplexity and times."""
+    model, tokenizer = load_model(args.model)
+    ids = book_token_ids(tokenizer, spec["book"], spec["tokens"])
+    if spec["method"] == "locas":
+        peft_config = LocasConfig(r=args.r, init_weights="data")
+    else:
+        peft_config = templora_config(args.lora_r)
+    config = MemorizeConfig(
+        chunk_tokens=args.chunk,
+        context_tokens=args.context,
+        steps_per_chunk=spec["steps"],
+        lr=spec["lr"],
+        seed=args.seed,
+    )
+    started, cpu = time.perf_counter(), time.process_time()
+    result = memorize(model, tokenizer, ids, config, peft_config=peft_config)
+    return {
+        "perplexity": result.perplexity,
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu,
+        "tokens": len(ids),
+    }
+
+
+class Runs:
+    """Finished measurements in ``--work``, keyed by spec and round (a rerun of the same command resumes)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        settings = {k: getattr(args, k) for k in ("model", "r", "lora_r", "chunk", "context", "seed", "threads")}
+        self.path = Path(args.work) / "steps_pareto_runs.json"
+        self.stored = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if self.stored.get("settings") != settings:
+            self.stored = {"settings": settings, "runs": {}}
+
+    def get(self, spec: dict[str, Any], round_index: int) -> dict[str, Any]:
+        key = json.dumps({**spec, "round": round_index}, sort_keys=True)
+        if key not in self.stored["runs"]:
+            self.stored["runs"][key] = self._child(spec)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.stored))
+            os.replace(tmp, self.path)
+        return self.stored["runs"][key]
+
+    def _child(self, spec: dict[str, Any]) -> dict[str, Any]:
+        args = self.args
+        command = [sys.executable, __file__, "--measure", json.dumps(spec), "--model", args.model, "--r", str(args.r)]
+        command += ["--lora-r", str(args.lora_r), "--chunk", str(args.chunk), "--context", str(args.context)]
+        command += ["--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"error: the run {spec} failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def sweep_lora(runs: Runs, args: argparse.Namespace, steps: list[int]) -> dict[int, dict[str, Any]]:
+    """LoRA's learning rate per step count: lowest prequential perplexity on the sweep book."""
+    chosen = {}
+    for count in steps:
+        by_lr = {}
+        for lr in (float(value) for value in args.lora_lrs.split(",")):
+            spec = {"book": args.sweep_book, "tokens": args.sweep_tokens, "method": "lora", "steps": count, "lr": lr}
+            by_lr[lr] = runs.get(spec, 0)["perplexity"]
+        best = min(by_lr, key=by_lr.get)
+        chosen[count] = {"perplexity_by_lr": by_lr, "chosen": best}
+        print(f"LoRA lr sweep at {count} steps on {args.sweep_book}: {by_lr}; chose {best:g}", flush=True)
+    return chosen
+
+
+def summarise(spec: dict[str, Any], measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table row: the perplexity (equal across rounds), median times and the rounds' range of wall time."""
+    wall = [run["seconds"] for run in measured]
+    return {
+        "book": spec["book"],
+        "method": spec["method"],
+        "steps": spec["steps"],
+        "lr": spec["lr"],
+        "ppl": measured[0]["perplexity"],
+        "ppl spread": max(run["perplexity"] for run in measured) - min(run["perplexity"] for run in measured),
+        "wall s": statistics.median(wall),
+        "wall range": f"{min(wall):.1f}-{max(wall):.1f}",
+        "CPU s": statistics.median(run["cpu_seconds"] for run in measured),
+        "tok/s": measured[0]["tokens"] / statistics.median(wall),
+        "runs": measured,
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Perplexity against CPU time, one panel per book, every run a point labelled with its steps per chunk."""
+    from matplotlib.figure import Figure
+
+    books = list(dict.fromkeys(row["book"] for row in rows))
+    figure = Figure(figsize=(5.5 * len(books), 4.5), dpi=110, layout="constrained")
+    axes = figure.subplots(1, len(books), squeeze=False)[0]
+    for ax, book in zip(axes, books, strict=True):
+        for index, method in enumerate(("locas", "lora")):
+            points = sorted(
+                (row["CPU s"], row["ppl"], row["steps"])
+                for row in rows
+                if (row["book"], row["method"]) == (book, method)
+            )
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{index}", label=method)
+            for cpu, ppl, steps in points:
+                ax.annotate(f"{steps}", (cpu, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_title(f"{book.replace('_', ' ')}: perplexity vs CPU time (labels: steps per chunk)", fontsize=9)
+        ax.set_xlabel("CPU seconds (median over rounds)")
+        ax.set_ylabel("prequential perplexity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--books", default="pride_and_prejudice,persuasion", help="comma-separated prepared novels")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens read per book (default 16384, quick 1024)")
+    parser.add_argument("--steps", default=None, help="steps per chunk compared (default 1,2,4; quick 1,2)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
+    parser.add_argument("--r", type=int, default=64, help="Locas memory width")
+    parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
+    parser.add_argument("--sweep-book", default="northanger_abbey", help="novel for LoRA's learning-rate sweeps")
+    parser.add_argument("--sweep-tokens", type=int, default=None, help="default 2048, quick 512")
+    parser.add_argument("--lora-lrs", default="5e-4,1e-3,2e-3", help="LoRA learning rates tried per step count")
+    parser.add_argument("--chunk", type=int, default=512, help="tokens scored, then trained on, per chunk")
+    parser.add_argument("--context", type=int, default=256, help="short window: prefix tokens given to each chunk")
+    parser.add_argument("--work", default=None, help="finished measurements (default under ~/.cache)")
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one run, in a child process
+    args = parser.parse_args(argv)
+    apply_threads(args)
+    if args.measure is not None:
+        print(json.dumps(measure(json.loads(args.measure), args)))
+        return 0
+    args.tokens = args.tokens or (1024 if args.quick else 16384)
+    args.sweep_tokens = args.sweep_tokens or (512 if args.quick else 2048)
+    steps = [int(value) for value in (args.steps or ("1,2" if args.quick else "1,2,4")).split(",")]
+    rounds = args.rounds or (1 if args.quick else 3)
+    books = args.books.split(",")
+    if args.sweep_book in books:
+        parser.error(f"--sweep-book {args.sweep_book} is also benchmarked; tune LoRA on a different novel")
+    args.work = args.work or str(Path.home() / ".cache/peft-locas/benchmarks" / f"steps_pareto{'_quick' * args.quick}")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    start_clock(args)
+    runs = Runs(args)
+    sweep = sweep_lora(runs, args, steps)
+    specs = [
+        {"book": book, "tokens": args.tokens, "method": method, "steps": count, "lr": lr}
+        for book in books
+        for count in steps
+        for method, lr in (("locas", None), ("lora", sweep[count]["chosen"]))
+    ]
+    measured: dict[int, list[dict[str, Any]]] = {index: [] for index in range(len(specs))}
+    for round_index in range(rounds):
+        order = range(len(specs)) if round_index % 2 == 0 else reversed(range(len(specs)))
+        for index in order:
+            measured[index].append(runs.get(specs[index], round_index))
+            run = measured[index][-1]
+            print(
+                f"round {round_index + 1}/{rounds}, {specs[index]}: ppl {run['perplexity']:.3f}, "
+                f"{run['seconds']:.0f} s (CPU {run['cpu_seconds']:.0f} s)",
+                flush=True,
+            )
+    rows = [summarise(spec, measured[index]) for index, spec in enumerate(specs)]
+    targets = [steps_target(book, rows) for book in books]
+    for target in targets:
+        print(target["summary"])
+    figure = (
+        args.out.parent if args.out else Path(__file__).parent / "results"
+    ) / f"steps_pareto{'_quick' * args.quick}.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, figure)
+    extra = {"tokens_per_book": args.tokens, "rounds": rounds, "r": args.r, "lora_r": args.lora_r, "plot": figure.name}
+    return finish("steps_pareto", args, rows, COLUMNS, {**extra, "lora_lr_sweep": sweep, "targets": targets})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
