@@ -40,6 +40,7 @@ from .data_init import init_locas_weights
 from .distributed import Ranks
 from .memorization import MemorizeConfig, _Reader, _Update, fuses_scoring, run_fingerprint_of
 from .objectives import OBJECTIVES, TeacherTargets, model_positions, next_token_loss
+from .registration import LOCAS_PREFIX
 from .results import MemorizeResult
 
 #: the batch's padding id: any valid token works, since padding only ever follows a row's tokens (causal attention)
@@ -93,9 +94,11 @@ def memorize_batch(
         ``PeftModel``.
 
     Raises:
-        ValueError: names that are not one distinct non-empty string per text, a LoRA adapter or config (LoRA
-            adapters are memorised one text at a time), self-study or torch.distributed (single-text runs only),
-            a text shorter than one chunk, or any error `memorize()` raises for its settings.
+        ValueError: names that are not one distinct non-empty string per text, or a name PEFT would misread
+            (``"__base__"``, one with ``.``, ``/`` or ``\\``, one inside the ``"locas_"`` prefix); a text shorter
+            than one chunk (naming which); a LoRA adapter or config (LoRA adapters are memorised one text at a
+            time); self-study or torch.distributed (single-text runs only); or any error `memorize()` raises for its
+            settings.
     """
     started = time.perf_counter()
     config = config or MemorizeConfig()
@@ -106,7 +109,12 @@ def memorize_batch(
     if ranks.distributed:
         raise ValueError("memorize: several texts are memorised in a single process: run one text per torchrun job")
     tokenized = [tokens_and_boundaries(tokenizer, text, config.max_tokens) for text in texts]
-    windows = [chunk_windows(len(ids), config.chunk_tokens, config.context_tokens, starts) for ids, starts in tokenized]
+    windows = []
+    for index, (name, (ids, starts)) in enumerate(zip(names, tokenized, strict=True)):
+        try:
+            windows.append(chunk_windows(len(ids), config.chunk_tokens, config.context_tokens, starts))
+        except ValueError as exc:  # which of the texts
+            raise ValueError(f"memorize: text {index} (adapter {name!r}): {exc}") from exc
     peft_model, adapter_config = _with_adapters(model, peft_config, names, config.seed)
     objective = OBJECTIVES[config.objective]
     loss = functools.partial(objective.loss, ntp_weight=config.ntp_weight)
@@ -163,6 +171,7 @@ def memorize_batch(
                         result=text.result.to_dict(),
                         **text.checkpoint,
                     )
+                bar.set_postfix({"ppl": _perplexities(texts_state)}, refresh=False)
                 bar.update(window.scored)
                 if callback is not None:
                     callback(text.name, chunks_done - 1, text.result)
@@ -331,13 +340,34 @@ def _belongs(parameter_name: str, adapter_name: str) -> bool:
     return f"locas_memory.{adapter_name}." in parameter_name or f"modules_to_save.{adapter_name}." in parameter_name
 
 
+def _perplexities(texts: list[_Text]) -> str:
+    """The progress bar's prequential perplexity so far of each text (the first four, then their mean)."""
+    values = [text.result.perplexity for text in texts if text.done]
+    shown = " ".join(f"{value:.2f}" for value in values[:4])
+    return shown if len(values) <= 4 else f"{shown} ... (mean {sum(values) / len(values):.2f})"
+
+
 def _check_names(texts: Sequence[Any], adapter_names: Sequence[str]) -> list[str]:
     names = list(adapter_names) if isinstance(adapter_names, (list, tuple)) else None
     if names is None or not all(isinstance(name, str) and name for name in names):
         raise ValueError("memorize: `adapter_names` must be a list of non-empty adapter names, one per text")
+    for name in names:
+        if why := _unusable(name):
+            raise ValueError(f"memorize: adapter name {name!r} cannot be used: {why}")
     if not isinstance(texts, (list, tuple)) or len(texts) != len(names):
         count = len(texts) if isinstance(texts, (list, tuple)) else "not a list of"
         raise ValueError(f"memorize: {len(names)} adapter names for {count} texts: give one name per text")
     if len(set(names)) != len(names):
         raise ValueError(f"memorize: adapter names must be distinct, got {names}")
     return names
+
+
+def _unusable(name: str) -> str | None:
+    """Why ``name`` cannot name one of several memories (None if it can)."""
+    if name == "__base__":
+        return "PEFT's per-sample `adapter_names` reads it as no adapter at all"
+    if any(character in name for character in "./\\"):
+        return "'.' cannot appear in a module name, and '/' or '\\' would save the adapter into a subfolder"
+    if name in LOCAS_PREFIX:
+        return f"it is contained in the parameters' prefix {LOCAS_PREFIX!r}, so PEFT could reinitialise it on loading"
+    return None

@@ -1,6 +1,8 @@
 """Several texts memorised side by side into separate memories (`memorize(..., adapter_names=[...])`): each memory,
 its losses and its checkpoints equal a separate single-text run's; resuming a killed batch; what is refused."""
 
+import re
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -133,17 +135,27 @@ def test_what_a_batch_refuses():
     ids = texts()
     config = MemorizeConfig(chunk_tokens=24)
     with pytest.raises(ValueError, match="2 adapter names for 3 texts: give one name per text"):
-        memorize(tiny_model(), None, ids, config, adapter_names=["a", "b"])
+        memorize(tiny_model(), None, ids, config, adapter_names=["x", "y"])
     with pytest.raises(ValueError, match="adapter names must be distinct"):
-        memorize(tiny_model(), None, ids, config, adapter_names=["a", "b", "a"])
+        memorize(tiny_model(), None, ids, config, adapter_names=["x", "y", "x"])
     with pytest.raises(ValueError, match="`adapter_names` must be a list of non-empty adapter names"):
         memorize(tiny_model(), None, ids, config, adapter_names="abc")
     with pytest.raises(ValueError, match="memorise LoRA adapters one text at a time"):
-        memorize(tiny_model(), None, ids, config, peft_config=templora_config(4), adapter_names=["a", "b", "c"])
+        memorize(tiny_model(), None, ids, config, peft_config=templora_config(4), adapter_names=["x", "y", "z"])
     with pytest.raises(ValueError, match="self-study runs one text at a time"):
         memorize(tiny_model(), None, ids, MemorizeConfig(chunk_tokens=24, self_study_questions=1), adapter_names=NAMES)
-    with pytest.raises(ValueError, match="fewer than one chunk"):
-        memorize(tiny_model(), None, [ids[0], ids[1][:10]], config, adapter_names=["a", "b"])
+    with pytest.raises(ValueError, match=r"text 1 \(adapter 'y'\): the text has 10 tokens, fewer than one chunk"):
+        memorize(tiny_model(), None, [ids[0], ids[1][:10]], config, adapter_names=["x", "y"])
+    for name, why in [
+        ("__base__", "PEFT's per-sample `adapter_names` reads it as no adapter at all"),
+        ("v1.2", "'.' cannot appear in a module name"),
+        ("a/b", "would save the adapter into a subfolder"),
+        ("loc", "contained in the parameters' prefix 'locas_'"),
+    ]:
+        with pytest.raises(
+            ValueError, match=re.escape(f"adapter name {name!r} cannot be used: ") + ".*" + re.escape(why)
+        ):
+            memorize(tiny_model(), None, ids[:2], config, adapter_names=["x", name])
     model = get_peft_model(tiny_model(), LocasConfig(r=8), adapter_name="first")
     with pytest.raises(ValueError, match="the model has no Locas adapter named 'second'"):
         memorize(model, None, ids[:2], config, adapter_names=["first", "second"])

@@ -33,6 +33,7 @@ def test_each_text_gets_its_own_memory_equal_to_a_single_text_run(files, tmp_pat
     assert memorize(files, out, *texts, "--separate") == 0
     printed = capsys.readouterr()
     assert "3 texts, each into its own memory" in printed.err
+    assert f"memories in {out}: first, second, third_text (from third text)" in printed.err
     assert printed.out.count("prequential perplexity") == 3
     names = ["first", "second", "third_text"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == names
@@ -46,8 +47,10 @@ def test_each_text_gets_its_own_memory_equal_to_a_single_text_run(files, tmp_pat
             cli.PLOT_FILE,
             "chunks.jsonl",
         } <= {p.name for p in folder.iterdir()}
+        assert "README.md" in {p.name for p in folder.iterdir()}  # PEFT's model card, inside the memory's folder
         record = json.loads((folder / cli.RESULTS_FILE).read_text())
         assert record["model"] == str(files["main"]) and record["texts"][0]["text"] == name.replace("_", " ")
+        assert record["settings"]["adapter_name"] == name and record["batch"]["adapter_names"] == names
         chunks = (folder / "chunks.jsonl").read_text().splitlines()
         assert len(chunks) == len(record["result"]["losses"])
 
@@ -66,12 +69,36 @@ def test_each_text_gets_its_own_memory_equal_to_a_single_text_run(files, tmp_pat
         single_record, rel=1e-5
     )
 
-    # every command takes each folder as a memory; --overwrite replaces the folder of memories
+    # every command takes each folder as a memory; the library as a whole is named, not taken for one adapter
     capsys.readouterr()
     assert cli.main(["eval", "--text", str(files["third"]), "--adapter", str(out / "third_text"), *RUN[:4]]) == 0
     assert "with adapter" in capsys.readouterr().out
-    assert memorize(files, out, "--text", str(files["third"]), "--separate", "--overwrite", "--no-checkpoint") == 0
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["third_text"]
+    assert cli.main(["eval", "--text", str(files["third"]), "--adapter", str(out), *RUN[:4]]) == 1
+    assert (
+        f"error: {out} is a folder of 3 memories (first, second, third_text), not one adapter: give one of them, e.g. "
+        f"{out / 'first'} (ask --memory {out} asks them all)" in capsys.readouterr().err
+    )
+
+    # a later run adds its memory to the library; the same name needs --overwrite, which replaces only that memory
+    before = (out / "first" / "adapter_model.safetensors").read_bytes()
+    assert memorize(files, out, "--text", str(files["third"]), "--separate", "--no-checkpoint") == 1
+    assert f"error: --out {out} already holds third_text: pass --overwrite to replace it" in capsys.readouterr().err
+    extra = tmp_path / "more" / "fourth.txt"
+    extra.parent.mkdir()
+    extra.write_text((files["third"]).read_text())
+    assert memorize(files, out, "--text", str(extra), str(files["third"]), "--separate", "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["first", "fourth", "second", "third_text"]
+    assert (out / "first" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_a_library_is_asked_as_all_its_memories(files, tmp_path, capsys):
+    out = tmp_path / "library"
+    assert memorize(files, out, "--text", str(files["texts"]), "--separate", "--no-checkpoint") == 0
+    capsys.readouterr()
+    question = ["--question", "Who?", "--max-new-tokens", "2", "--no-chat-template"]
+    assert cli.main(["ask", "--model", str(files["main"]), "--memory", str(out), *question]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["memory"] for line in lines] == [str(out / "first"), str(out / "second")]
 
 
 def test_what_separate_refuses(files, tmp_path, capsys):
@@ -81,8 +108,38 @@ def test_what_separate_refuses(files, tmp_path, capsys):
         (["--self-study-questions", "1"], "does not take --self-study-questions"),
         (["--chunk-tokens", "600"], "the text second has 5"),
     ]
+    adapter = tmp_path / "an_adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    status = memorize(files, adapter, *text, "--separate")
+    assert (
+        status == 1
+        and "is a model or adapter folder; --separate writes a folder of memories" in capsys.readouterr().err
+    )
     for extra, message in cases:
         status = memorize(files, tmp_path / "out", *text, "--separate", *extra)
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert status == 1 and len(lines) == 1 and message in lines[0], err
+
+
+def test_memory_names_are_derived_from_the_texts_and_never_misread_by_peft():
+    from pathlib import Path
+
+    from peft_locas.app.inputs import Source
+    from peft_locas.app.memorize_separate import _PREFIX, adapter_names
+    from peft_locas.registration import LOCAS_PREFIX
+
+    assert _PREFIX == LOCAS_PREFIX
+    labels = ["notes", "notes", "a", "default", "__base__", "notes.v2", "my notes (draft)", "..."]
+    sources = [Source(text="x", label=label, path=Path(label)) for label in labels]
+    assert adapter_names(sources) == [
+        "notes",
+        "notes_2",
+        "a_text",
+        "default_text",
+        "base",
+        "notes_v2",
+        "my_notes_draft",
+        "text",
+    ]

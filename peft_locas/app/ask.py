@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .context import add_asking_options, check_context, context_text, load_asker
-from .inputs import adapter_config, shared_base
+from .inputs import adapter_config, memories_in, shared_base
 from .options import UsageError, positive_int
 
 
@@ -37,8 +37,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="append",
         type=Path,
         default=None,
-        help="instead of --adapter: ask every question of each of these memories (repeatable), served together "
-        "from one base model; each line names its memory",
+        help="instead of --adapter: ask every question of each of these memories (repeatable; a folder of memories, "
+        "as memorize --separate writes, gives all of them), served together from one base model; each line names "
+        "its memory",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here instead of stdout")
     parser.set_defaults(run=run)
@@ -103,6 +104,7 @@ def load_memories(args: argparse.Namespace):
     if args.context_tokens is not None:
         raise UsageError("--context-tokens takes the text one adapter memorised; with --memory give --context FILE")
     check_context(args)
+    args.memory = [inside for memory in args.memory for inside in (memories_in(memory) or [memory])]
     for memory in args.memory:
         adapter_config(memory)
     folder = shared_base(args.model, args.memory)

@@ -192,10 +192,15 @@ def check_out(out: Path, overwrite: bool, inputs: tuple[Path | None, ...] = ()) 
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UsageError(f"--out {out} exists and is not empty: pass --overwrite to replace it, or choose another")
-        if not _is_output(out) and not _is_folder_of_outputs(out):
+        if inside := memories_in(out):
+            raise UsageError(
+                f"--out {out} is a folder of {len(inside)} memories ({', '.join(e.name for e in inside)}), which "
+                "--overwrite does not replace whole: choose another --out, or one memory folder inside it"
+            )
+        if not _is_output(out):
             raise UsageError(
                 f"--out {out} is not a model or adapter folder (no {', '.join(_OUTPUT_MARKERS)}): --overwrite replaces "
-                "only those (and folders of them, as memorize --separate writes); choose another --out"
+                "only those; choose another --out"
             )
 
 
@@ -203,15 +208,50 @@ def _is_output(folder: Path) -> bool:
     return any((folder / marker).is_file() for marker in _OUTPUT_MARKERS)
 
 
-def _is_folder_of_outputs(folder: Path) -> bool:
-    """A folder of adapter folders (and PEFT's model card), as ``memorize --separate`` writes."""
-    entries = [entry for entry in folder.iterdir() if entry.name != "README.md"]
-    return bool(entries) and all(entry.is_dir() and _is_output(entry) for entry in entries)
+def memories_in(folder: Path) -> list[Path]:
+    """The adapter folders directly inside ``folder`` (a library of memories, as ``memorize --separate`` writes),
+    sorted by name; empty for an adapter folder itself or anything else."""
+    if not folder.is_dir() or (folder / "adapter_config.json").is_file():
+        return []
+    return sorted(entry for entry in folder.iterdir() if entry.is_dir() and (entry / "adapter_config.json").is_file())
+
+
+def check_library_out(out: Path, names: list[str], overwrite: bool, inputs: tuple[Path | None, ...] = ()) -> None:
+    """``--out`` of ``memorize --separate``: a folder of memories, one subfolder per text. It may already hold other
+    memories (they are kept: a later run adds to the library); a memory of the same name is replaced only with
+    ``--overwrite``. Refuses a file, an input of the command, and a model or adapter folder."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    for source in inputs:
+        if source is not None and out.resolve() == source.resolve():
+            raise UsageError(f"--out {out} is also an input of this command: write the memories to another folder")
+    if _is_output(out):
+        raise UsageError(
+            f"--out {out} is a model or adapter folder; --separate writes a folder of memories (one subfolder per "
+            "text): choose another --out"
+        )
+    taken = [name for name in names if (out / name).exists()]
+    if taken and not overwrite:
+        raise UsageError(
+            f"--out {out} already holds {', '.join(taken)}: pass --overwrite to replace "
+            f"{'them' if len(taken) > 1 else 'it'}, or rename the text files (each memory is named after its text)"
+        )
+    for name in taken:
+        if not _is_output(out / name):
+            raise UsageError(
+                f"{out / name} is not a memory folder, so --overwrite leaves it: move it or rename the text"
+            )
 
 
 def adapter_config(adapter: Path) -> Any:
     """The adapter's ``PeftConfig`` (imports peft: call it once the cheap checks have passed)."""
     if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+        if inside := memories_in(adapter):
+            names = ", ".join(entry.name for entry in inside)
+            raise UsageError(
+                f"{adapter} is a folder of {len(inside)} memories ({names}), not one adapter: give one of them, e.g. "
+                f"{inside[0]} (ask --memory {adapter} asks them all)"
+            )
         raise UsageError(
             f"adapter folder {adapter} not found (needs adapter_config.json and adapter_model.safetensors)"
         )

@@ -10,7 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .inputs import RESULTS_FILE, Source, adapter_config, base_fingerprint, check_out, model_dir, read_sources
+from .inputs import (
+    RESULTS_FILE,
+    Source,
+    adapter_config,
+    base_fingerprint,
+    check_library_out,
+    check_out,
+    model_dir,
+    read_sources,
+)
 from .options import (
     UsageError,
     int_at_least,
@@ -33,8 +42,14 @@ OBJECTIVES = ("ntp", "distill")
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("memorize", help="memorise a text into a Locas memory (score, then train)")
     model_options(parser, default_help="the prepared SmolLM2; with --adapter, the base it recorded")
-    text_options(parser, "memorised")
-    parser.add_argument("--out", required=True, type=Path, help="adapter folder to write (with results and plot)")
+    text_options(parser, "memorised", " (with --separate: each into its own memory)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="adapter folder to write (with results and plot); with --separate, a folder of memories, one subfolder "
+        "per text (memories already there are kept)",
+    )
     parser.add_argument(
         "--adapter",
         type=Path,
@@ -103,16 +118,29 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--separate",
         action="store_true",
         help="one memory per text (each file of a folder too), trained side by side in one batched run; --out gets "
-        "one adapter folder per text, named after it",
+        "one adapter folder per text, named after its file (printed before training)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out (with --separate: replace the memories of the same names)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_out(args.out, args.overwrite, (args.adapter, args.model))
+    names = None
+    if args.separate:
+        from .memorize_separate import adapter_names
+
+        sources = read_sources(args.text, args.sample, args.encoding)
+        names = adapter_names(sources)
+        check_library_out(args.out, names, args.overwrite, (args.adapter, args.model))
+    else:
+        check_out(args.out, args.overwrite, (args.adapter, args.model))
     check_writable(args.out)
-    sources = read_sources(args.text, args.sample, args.encoding)
+    if names is None:
+        sources = read_sources(args.text, args.sample, args.encoding)
     continued = _continued(args)
     if args.adapter_type == "lora" and args.init is not None:
         raise UsageError("--init chooses how a Locas memory starts; LoRA adapters start as LoRA does: drop --init")
@@ -140,10 +168,14 @@ def run(args: argparse.Namespace) -> int:
     if args.separate:
         plans = [_plan(tokenizer, source.memorized, args, source.label) for source in sources]
         num_tokens, num_chunks = sum(p[0] for p in plans), max(p[1] for p in plans)
-        label = f"{len(sources)} texts, each into its own memory,"
+        label = f"{len(sources)} {'texts' if len(sources) > 1 else 'text'}, each into its own memory,"
     else:
         num_tokens, num_chunks = _plan(tokenizer, memorized, args)
     print(plan_line(label, num_tokens, num_chunks, args, args.checkpoint_dir), file=sys.stderr)
+    if names is not None:
+        from .memorize_separate import names_line
+
+        print(names_line(args.out, sources, names), file=sys.stderr)
     config = MemorizeConfig(
         chunk_tokens=args.chunk_tokens,
         context_tokens=args.context_tokens,
@@ -174,7 +206,16 @@ def run(args: argparse.Namespace) -> int:
         from .memorize_separate import run_separate
 
         return run_separate(
-            args, sources, folder, model, tokenizer, config, peft_config, default_checkpoints, [p[1] for p in plans]
+            args,
+            sources,
+            names,
+            folder,
+            model,
+            tokenizer,
+            config,
+            peft_config,
+            default_checkpoints,
+            [p[1] for p in plans],
         )
     log = RunLog(args.checkpoint_dir, num_chunks, ranks.is_main)
     try:
@@ -301,7 +342,11 @@ def _sources_record(sources: list[Source], label: str) -> dict[str, Any]:
 
 
 def summary_table(
-    result: Any, with_label: str = "with memory", measure: str = "prequential perplexity", without: str = "memory"
+    result: Any,
+    with_label: str = "with memory",
+    measure: str = "prequential perplexity",
+    without: str = "memory",
+    costs: bool = True,
 ) -> str:
     """The run's perplexities (with and, when recorded, without the adapter) and costs, as an aligned text table.
 
@@ -311,6 +356,7 @@ def summary_table(
         without: what the baseline column lacks ("memory", or "adapter" for eval).
         measure: what the first row measured: memorize's losses are prequential (each chunk scored before training
             on it); eval's are a plain chunked perplexity.
+        costs: also the wall time, tokens/s and peak memory (off for one text of a batch, whose costs are shared).
     """
     rows = [("", with_label, f"without {without}" if result.baseline_losses is not None else "")]
     rows.append((measure, f"{result.perplexity:.3f}", _fmt(result.baseline_perplexity)))
@@ -319,12 +365,13 @@ def summary_table(
     )
     peak = result.peak_memory_bytes
     memory = "n/a" if peak is None else f"{peak / 2**30:.2f} GiB ({result.peak_memory_kind})"
-    rows += [
-        ("tokens scored", f"{result.total_tokens} in {len(result.token_counts)} chunks", ""),
-        ("wall time", f"{result.wall_time_s:.1f} s", ""),
-        ("tokens/s", f"{result.tokens_per_s:.1f}", ""),
-        ("peak memory", memory, ""),
-    ]
+    rows.append(("tokens scored", f"{result.total_tokens} in {len(result.token_counts)} chunks", ""))
+    if costs:
+        rows += [
+            ("wall time", f"{result.wall_time_s:.1f} s", ""),
+            ("tokens/s", f"{result.tokens_per_s:.1f}", ""),
+            ("peak memory", memory, ""),
+        ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}".rstrip() for a, b, c in rows)
 

@@ -1,7 +1,8 @@
 """``peft-locas memorize --separate``: several texts, each into its own Locas memory, trained side by side in one
-batched run (`peft_locas.batched_memorization`); ``--out`` gets one adapter folder per text, each what a single-text
-``memorize`` writes (adapter, ``memorize_results.json``, loss plot, ``chunks.jsonl``), so ``ask``, ``eval`` and
-``merge`` take each one as they take any memory."""
+batched run (`peft_locas.batched_memorization`). ``--out`` is a library: one adapter folder per text, named after it,
+each what a single-text ``memorize`` writes (adapter, model card, ``memorize_results.json``, loss plot,
+``chunks.jsonl``), so ``ask``, ``eval`` and ``merge`` take each one as they take any memory, and ``ask --memory OUT``
+serves them all. A later run into the same ``--out`` adds its memories beside the ones there."""
 
 from __future__ import annotations
 
@@ -17,16 +18,19 @@ from .output import atomic_folder, no_space
 
 #: adapter names PEFT treats specially (``"default"`` is saved at the folder's top, ``"__base__"`` means no adapter)
 _RESERVED = ("default", "__base__")
+#: `LocasModel.prefix` (``registration.LOCAS_PREFIX``, which imports peft; a test checks they agree): PEFT warns that
+#: an adapter name contained in it may be reinitialised on load
+_PREFIX = "locas_"
 
 
 def adapter_names(sources: list[Source]) -> list[str]:
-    """One distinct folder-safe adapter name per text, from its label (a file's stem, ``stem_sample`` for a LoCoMo
-    sample): characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``; a repeated name gets ``_2``,
-    ``_3``...; PEFT's reserved names get ``_text``."""
+    """One distinct adapter name per text, from its label (a file's stem, ``stem_sample`` for a LoCoMo sample):
+    characters other than letters, digits, ``_`` and ``-`` become ``_``; ``default``, ``__base__`` and names inside
+    PEFT's ``locas_`` prefix get ``_text``; a repeated name gets ``_2``, ``_3``..."""
     names: list[str] = []
     for source in sources:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", source.label).strip("._") or "text"
-        name = f"{name}_text" if name in _RESERVED else name
+        name = re.sub(r"[^A-Za-z0-9_-]+", "_", source.label).strip("_-") or "text"
+        name = f"{name}_text" if name in _RESERVED or name in _PREFIX else name
         candidate, count = name, 1
         while candidate in names:
             count += 1
@@ -35,9 +39,17 @@ def adapter_names(sources: list[Source]) -> list[str]:
     return names
 
 
+def names_line(out: Path, sources: list[Source], names: list[str]) -> str:
+    """The line printed before training: where each text's memory goes (and, where they differ, its text's label)."""
+    pairs = zip(sources, names, strict=True)
+    shown = [name if name == source.label else f"{name} (from {source.label})" for source, name in pairs]
+    return f"memories in {out}: {', '.join(shown)}"
+
+
 def run_separate(
     args: argparse.Namespace,
     sources: list[Source],
+    names: list[str],
     folder: Path,
     model: Any,
     tokenizer: Any,
@@ -46,13 +58,13 @@ def run_separate(
     default_checkpoints: bool,
     num_chunks: list[int],
 ) -> int:
-    """Memorise every source into its own memory and write ``--out/<name>/`` for each (atomically, all together);
-    ``num_chunks`` are the texts' chunk counts (the longest text's log prints the time left and resumes)."""
+    """Memorise ``sources[b]`` into memory ``names[b]`` and write ``--out/<name>/`` for each (each atomically: a
+    memory is complete or absent); ``num_chunks`` are the texts' chunk counts (the longest text's log prints the time
+    left)."""
     from ..memorization import memorize
     from .memorize import summary_table
     from .run_log import RunLog
 
-    names = adapter_names(sources)
     checkpoints = args.checkpoint_dir
     longest = num_chunks.index(max(num_chunks))
     logs = {
@@ -79,17 +91,32 @@ def run_separate(
             raise
         raise full from exc
     peft_model = results[0].model
-    needed = sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad) + 2**20 * len(names)
-    with atomic_folder(args.out, needed) as partial:
-        for name, source, result in zip(names, sources, results, strict=True):
-            adapter = partial / name
-            peft_model.save_pretrained(partial, selected_adapters=[name])  # PEFT writes a named adapter to partial/name
+    total_tokens = sum(result.total_tokens for result in results)
+    wall = max(result.wall_time_s for result in results)  # the batch's time: every text's record carries it
+    batch = {"texts": len(names), "adapter_names": names, "tokens": total_tokens, "wall_time_s": wall}
+    each = sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad) // len(names)
+    for name, source, result in zip(names, sources, results, strict=True):
+        with atomic_folder(args.out / name, each + 2**20) as partial:  # each memory complete or absent
+            peft_model.save_pretrained(partial, selected_adapters=[name])
+            _lift(partial, name)
             record = results_record(args, folder, [source], source.label, ("locas", peft_config.r), config, result)
-            write_records(adapter, record, result, source.label, None if checkpoints is None else checkpoints / name)
+            record["settings"]["adapter_name"] = name
+            record["batch"] = batch
+            write_records(partial, record, result, source.label, None if checkpoints is None else checkpoints / name)
     if default_checkpoints:  # the adapter folders now hold everything; the checkpoints only served a crash
         shutil.rmtree(checkpoints, ignore_errors=True)
     for name, result in zip(names, results, strict=True):
         print(f"{name}:")
-        print(summary_table(result))
+        print(summary_table(result, costs=False))
+    rate = total_tokens / wall if wall > 0 else float("nan")
+    print(f"{len(names)} texts, {total_tokens:,} tokens in {wall:.1f} s together ({rate:.1f} tokens/s)")
     print(f"{len(names)} memories (adapters, results and plots): {', '.join(str(args.out / n) for n in names)}")
     return 0
+
+
+def _lift(folder: Path, name: str) -> None:
+    """PEFT saves a named adapter into ``folder/name`` (its model card at ``folder``): move its files up, so
+    ``folder`` is the adapter folder and loads as ``"default"`` anywhere."""
+    for entry in (folder / name).iterdir():
+        entry.rename(folder / entry.name)
+    (folder / name).rmdir()

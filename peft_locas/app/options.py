@@ -49,9 +49,10 @@ def model_options(
     quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 base")
 
 
-def text_options(parser: argparse.ArgumentParser, what: str) -> None:
+def text_options(parser: argparse.ArgumentParser, what: str, separately: str = "") -> None:
     """``--text`` (files, folders, books, conversations; several in order as one text) and ``--encoding``;
-    ``what`` says what the command does with them ("memorised", "scored")."""
+    ``what`` says what the command does with them ("memorised", "scored"), ``separately`` how an option changes that
+    (appended to the help)."""
     parser.add_argument(
         "--text",
         required=True,
@@ -59,7 +60,7 @@ def text_options(parser: argparse.ArgumentParser, what: str) -> None:
         action="extend",
         metavar="TEXT",
         help="a text file, a folder of .txt/.md files, a prepared book (e.g. emma), or a conversation (LoCoMo .json "
-        f"or our .jsonl); several are {what} in order as one text",
+        f"or our .jsonl); several are {what} in order as one text{separately}",
     )
     parser.add_argument("--encoding", type=text_encoding, default="utf-8", help="of the text files")
     parser.add_argument("--sample", default=None, help="the sample_id to take from a LoCoMo file (default: the first)")
