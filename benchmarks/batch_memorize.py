@@ -22,7 +22,15 @@ import sys
 import time
 from typing import Any
 
-from common import add_common_arguments, apply_threads, book_token_ids, finish, load_model, start_clock
+from common import (
+    add_common_arguments,
+    apply_common,
+    book_token_ids,
+    finish,
+    load_model,
+    placement_arguments,
+    start_clock,
+)
 
 from peft_locas import LocasConfig, MemorizeConfig, memorize
 from peft_locas.assets import ALL_BOOKS
@@ -71,7 +79,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def run_child(args: argparse.Namespace, way: str, batch: int) -> dict[str, Any]:
     command = [sys.executable, __file__, "--measure", f"{way},{batch}", "--model", args.model, "--r", str(args.r)]
     command += ["--tokens", str(args.tokens), "--chunk", str(args.chunk), "--context", str(args.context)]
-    command += ["--steps", str(args.steps)] + (["--threads", str(args.threads)] if args.threads else [])
+    command += ["--steps", str(args.steps), *placement_arguments(args)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"error: the {way} run of B={batch} failed:\n{done.stderr[-2000:]}")
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="optimiser steps per chunk")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one measurement, in a child process
     args = parser.parse_args(argv)
-    apply_threads(args)
+    apply_common(args)
     if args.measure is not None:
         print(json.dumps(measure(args)))
         return 0

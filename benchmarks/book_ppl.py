@@ -34,7 +34,7 @@ from typing import Any
 
 from common import (
     add_common_arguments,
-    apply_threads,
+    apply_common,
     book_token_ids,
     load_model,
     print_table,
@@ -64,7 +64,7 @@ def method_specs(lora_lr: float) -> list[dict[str, Any]]:
 
 def run_one(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Run one (book, method) in this process and return its record."""
-    apply_threads(args)
+    apply_common(args)
     model, tokenizer = load_model(args.model)
     ids = book_token_ids(tokenizer, spec["book"], spec["tokens"])
     cpu_started = time.process_time()  # all threads' CPU time: less sensitive than wall time to a busy machine
@@ -134,7 +134,7 @@ def completed(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 def protocol(args: argparse.Namespace) -> dict[str, Any]:
     """The settings that shape every run's numbers (a finished run is reused only under the same ones)."""
-    keys = ("model", "chunk", "context", "long_chunk", "steps", "seed", "threads")
+    keys = ("model", "chunk", "context", "long_chunk", "steps", "seed", "threads", "device", "dtype")
     return {key: getattr(args, key) for key in keys}
 
 

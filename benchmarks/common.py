@@ -22,6 +22,9 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: where `load_model` puts models (``--device``, ``--dtype``; set by `apply_common`)
+_PLACEMENT: dict[str, Any] = {"device": torch.device("cpu"), "dtype": torch.float32}
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,27 +38,56 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the model's weights and compute")
 
 
-def apply_threads(args: argparse.Namespace) -> None:
-    """Pin torch's CPU thread count when ``--threads`` is given (e.g. to share the machine with another run)."""
+def apply_common(args: argparse.Namespace) -> None:
+    """Apply the common options: pin torch's CPU thread count when ``--threads`` is given (e.g. to share the machine
+    with another run), and make ``--device``/``--dtype`` where `load_model` puts models."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}, but torch {torch.__version__} sees no CUDA device")
+    _PLACEMENT.update(device=torch.device(args.device), dtype=DTYPES[args.dtype])
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, **kwargs: Any):
-    """``(model, tokenizer)`` for ``--model``; the tiny random model has no tokenizer (``None``)."""
+def placement_arguments(args: argparse.Namespace) -> list[str]:
+    """The common options a child process must repeat to run as its parent does."""
+    threads = ["--threads", str(args.threads)] if args.threads is not None else []
+    return [*threads, "--device", args.device, "--dtype", args.dtype]
+
+
+def load_model(name: str, dtype: torch.dtype | None = None, **kwargs: Any):
+    """``(model, tokenizer)`` for ``--model``, in ``--dtype`` on ``--device`` (`apply_common`) unless ``dtype`` or a
+    ``device_map`` is given; the tiny random model has no tokenizer (``None``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = dtype or _PLACEMENT["dtype"]
     if name == "tiny":
-        return AutoModelForCausalLM.from_pretrained(tiny_model_folder(), dtype=dtype, **kwargs).eval(), None
-    from peft_locas.assets import default_model_dir
+        folder, tokenizer = tiny_model_folder(), None
+    else:
+        from peft_locas.assets import default_model_dir
 
-    folder = default_model_dir() if name == "default" else Path(name)
-    if folder is None:
-        raise SystemExit("error: the real model is not prepared; run `python -m peft_locas.assets` first")
+        folder = default_model_dir() if name == "default" else Path(name)
+        if folder is None:
+            raise SystemExit("error: the real model is not prepared; run `python -m peft_locas.assets` first")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    if "device_map" not in kwargs:
+        model.to(_PLACEMENT["device"])
+    return model, tokenizer
+
+
+def device() -> torch.device:
+    """``--device``: where `load_model` puts models, so inputs built here go there too."""
+    return _PLACEMENT["device"]
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so a timer read after it measures the work (a no-op on a CPU)."""
+    if _PLACEMENT["device"].type == "cuda":
+        torch.cuda.synchronize(_PLACEMENT["device"])
 
 
 def book_token_ids(tokenizer: Any, book: str, tokens: int) -> list[int]:
@@ -109,8 +141,10 @@ def median_seconds(functions: dict[str, Callable[[], object]], repeats: int, war
     samples: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
+            synchronize()
             start = time.perf_counter()
             function()
+            synchronize()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, times in samples.items()}
 
@@ -120,6 +154,8 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        "device": str(_PLACEMENT["device"]),
+        "dtype": str(_PLACEMENT["dtype"]).removeprefix("torch."),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
@@ -131,7 +167,7 @@ def write_results(name: str, args: argparse.Namespace, results: dict[str, Any]) 
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
-        "arguments": {k: str(v) for k, v in vars(args).items()},
+        "arguments": {k: str(v) for k, v in vars(args).items() if k not in ("started", "cpu_started")},  # clocks
         "machine": machine(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **results,

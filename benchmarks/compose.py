@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from book_ppl import add_protocol_arguments, locas_spec, memorize_run
-from common import add_common_arguments, apply_threads, book_token_ids, finish, load_model, start_clock
+from common import add_common_arguments, apply_common, book_token_ids, finish, load_model, start_clock
 from peft import PeftModel
 
 from peft_locas import evaluate
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--r", type=int, default=64, help="memory width of each book's memory")
     add_protocol_arguments(parser)
     args = parser.parse_args(argv)
-    apply_threads(args)
+    apply_common(args)
     books = args.books.split(",")
     if len(books) != 2:
         raise SystemExit(f"error: --books takes two novels, got {len(books)}")

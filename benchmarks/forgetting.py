@@ -31,7 +31,7 @@ from book_ppl import add_protocol_arguments, default_work, locas_spec, lora_spec
 from common import (
     RESULTS,
     add_common_arguments,
-    apply_threads,
+    apply_common,
     book_token_ids,
     load_model,
     print_table,
@@ -60,13 +60,13 @@ def option_logliks(model: torch.nn.Module, prompt: list[int], options: list[list
     """Summed log-likelihood of each option's tokens as the continuation of ``prompt``. The prompt is read once (only
     its last logits kept) and its key/value cache shared by the options, which are right-padded into one batch:
     padding comes after every real token, so causal attention never sees it."""
-    read = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+    read = model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True, logits_to_keep=1)
     first = F.log_softmax(read.logits[0, -1].float(), dim=-1)
     scores = [first[option[0]].item() for option in options]
     width = max(len(option) for option in options)
     if width == 1:
         return scores
-    ids = torch.zeros(len(options), width, dtype=torch.long)
+    ids = torch.zeros(len(options), width, dtype=torch.long, device=model.device)
     for row, option in enumerate(options):
         ids[row, : len(option)] = torch.tensor(option)
     cache = read.past_key_values
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-tokens", type=int, default=None, help="default 4096, quick 1024")
     parser.add_argument("--lora-lr", type=float, default=None, help="default: the one book_ppl.py's sweep chose")
     args = parser.parse_args(argv)
-    apply_threads(args)
+    apply_common(args)
     args.work = args.work or default_work(args.quick)
     tokens = args.tokens or (2048 if args.quick else 16384)
     heldout_tokens = args.heldout_tokens or (1024 if args.quick else 4096)

@@ -16,7 +16,7 @@ import sys
 import time
 
 import torch
-from common import add_common_arguments, apply_threads, book_token_ids, load_model, write_results
+from common import add_common_arguments, apply_common, book_token_ids, device, load_model, write_results
 from peft import get_peft_model
 
 from peft_locas import LocasConfig, init_locas_weights
@@ -51,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--r", type=int, default=16)
     args = parser.parse_args(argv)
-    apply_threads(args)
+    apply_common(args)
     offsets = [int(o) for o in (args.offsets or ("1000" if args.quick else "1000,3000,6000,9000")).split(",")]
     base, tokenizer = load_model(args.model)
-    ids = torch.tensor([book_token_ids(tokenizer, "pride_and_prejudice", max(offsets) + 2 * args.chunk)])
+    ids = torch.tensor(
+        [book_token_ids(tokenizer, "pride_and_prejudice", max(offsets) + 2 * args.chunk)], device=device()
+    )
     runs = []
     for offset in offsets:
         train = ids[:, offset : offset + args.chunk]

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, add_common_arguments, apply_threads, load_model, print_table, write_results
+from common import RESULTS, add_common_arguments, apply_common, load_model, print_table, write_results
 from recall_probe import write_probe
 
 from peft_locas.chunking import text_and_boundaries
@@ -392,7 +392,7 @@ def run_memory(spec: dict[str, Any], args: argparse.Namespace) -> None:
     """Child process: memorise one conversation into one memory and save the adapter and its record."""
     from peft_locas import LocasConfig, MemorizeConfig, memorize, templora_config
 
-    apply_threads(args)
+    apply_common(args)
     transformers_quiet()
     model, tokenizer = load(args)
     conversation = load_conversation(spec["data"], spec["sample"])
@@ -452,7 +452,7 @@ def memory_record(args: argparse.Namespace, dialogue: Dialogue, memory: str) -> 
 
 
 def child_arguments(args: argparse.Namespace) -> list[str]:
-    keys = ("model", "chunk", "context", "steps", "seed", "r", "lora_lr", "threads", "work")
+    keys = ("model", "chunk", "context", "steps", "seed", "r", "lora_lr", "threads", "device", "dtype", "work")
     values = {key: getattr(args, key) for key in keys}
     return list(
         itertools.chain.from_iterable((f"--{k.replace('_', '-')}", str(v)) for k, v in values.items() if v is not None)
@@ -801,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         run_memory(json.loads(args.run_memory), args)
         return 0
     started = time.perf_counter()
-    apply_threads(args)
+    apply_common(args)
     transformers_quiet()
     args.memory_list = [m for m in args.memories.split(",") if m]
     unknown = [m for m in args.memory_list if m not in MEMORIES]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import add_common_arguments, apply_threads, book_token_ids, load_model, print_table, write_results
+from common import add_common_arguments, apply_common, book_token_ids, load_model, print_table, write_results
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import BitsAndBytesConfig
 
@@ -33,7 +33,7 @@ QUANTIZED = {
 
 def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(x).logits.float()
+        return model(x.to(model.device)).logits.float()
 
 
 def trained_memory(args: argparse.Namespace, tokens: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=4, help="chunks the memory learns first (512 tokens; quick 128)")
     parser.add_argument("--r", type=int, default=64)
     args = parser.parse_args(argv)
-    apply_threads(args)
+    apply_common(args)
     tokens = args.tokens or (128 if args.quick else 512)
     x, state = trained_memory(args, tokens)
 

@@ -16,7 +16,16 @@ import argparse
 import copy
 
 import torch
-from common import add_common_arguments, book_token_ids, load_model, median_seconds, print_table, write_results
+from common import (
+    add_common_arguments,
+    apply_common,
+    book_token_ids,
+    device,
+    load_model,
+    median_seconds,
+    print_table,
+    write_results,
+)
 from peft import LoraConfig, get_peft_model
 
 from peft_locas import LocasConfig, LocasLayer
@@ -56,12 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="sequence length (default 512, quick 128)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 3)")
     args = parser.parse_args(argv)
+    apply_common(args)
     tokens = args.tokens or (128 if args.quick else 512)
     repeats = args.repeats or (3 if args.quick else 7)
     torch.manual_seed(args.seed)
 
     base, tokenizer = load_model(args.model)
-    x = torch.tensor([book_token_ids(tokenizer, "pride_and_prejudice", tokens)])
+    x = torch.tensor([book_token_ids(tokenizer, "pride_and_prejudice", tokens)], device=device())
     locas = get_peft_model(copy.deepcopy(base), LocasConfig(r=LOCAS_WIDTHS[0], init_weights=False), adapter_name="r16")
     for r in LOCAS_WIDTHS[1:]:
         locas.add_adapter(f"r{r}", LocasConfig(r=r, init_weights=False))

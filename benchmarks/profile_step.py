@@ -21,7 +21,16 @@ import time
 from collections import Counter
 
 import torch
-from common import add_common_arguments, apply_threads, book_token_ids, load_model, print_table, write_results
+from common import (
+    add_common_arguments,
+    apply_common,
+    book_token_ids,
+    device,
+    load_model,
+    print_table,
+    synchronize,
+    write_results,
+)
 from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -54,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--r", type=int, default=64, help="memory width")
     parser.add_argument("--steps", type=int, default=None, help="profiled steps (default 3, quick 1)")
     args = parser.parse_args(argv)
-    apply_threads(args)
+    apply_common(args)
     tokens = args.tokens or (192 if args.quick else 768)
     steps = args.steps or (1 if args.quick else 3)
     base, tokenizer = load_model(args.model)
     model = get_peft_model(base, LocasConfig(r=args.r))
-    ids = torch.tensor(book_token_ids(tokenizer, "emma", tokens)).unsqueeze(0)
+    ids = torch.tensor(book_token_ids(tokenizer, "emma", tokens), device=device()).unsqueeze(0)
     memories = [m for m in model.modules() if isinstance(m, LocasLayer)]
     model.train()
 
@@ -71,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         model.zero_grad(set_to_none=True)
 
     step()  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device().type == "cuda" else [])
+    synchronize()
     started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             step()
+        synchronize()
     seconds = time.perf_counter() - started
     events = prof.events()
     totals = {e.key: e.cpu_time_total for e in prof.key_averages()}

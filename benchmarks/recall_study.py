@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import add_common_arguments, apply_threads, print_table, write_results
+from common import add_common_arguments, apply_common, print_table, write_results
 from recall_probe import generate_probe
 
 from peft_locas import LocasConfig, MemorizeConfig, memorize
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--r", type=int, default=64)
     args = parser.parse_args(argv)
-    apply_threads(args)
+    apply_common(args)
     from common import load_model
 
     base, tokenizer = load_model(args.model)

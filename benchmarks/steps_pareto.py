@@ -28,7 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import add_common_arguments, apply_threads, book_token_ids, finish, load_model, start_clock
+from common import (
+    add_common_arguments,
+    apply_common,
+    book_token_ids,
+    finish,
+    load_model,
+    placement_arguments,
+    start_clock,
+)
 from report import steps_target
 
 from peft_locas import LocasConfig, MemorizeConfig, memorize, templora_config
@@ -66,7 +74,8 @@ class Runs:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        settings = {k: getattr(args, k) for k in ("model", "r", "lora_r", "chunk", "context", "seed", "threads")}
+        keys = ("model", "r", "lora_r", "chunk", "context", "seed", "threads", "device", "dtype")
+        settings = {key: getattr(args, key) for key in keys}
         self.path = Path(args.work) / "steps_pareto_runs.json"
         self.stored = json.loads(self.path.read_text()) if self.path.exists() else {}
         if self.stored.get("settings") != settings:
@@ -85,7 +94,7 @@ class Runs:
         args = self.args
         command = [sys.executable, __file__, "--measure", json.dumps(spec), "--model", args.model, "--r", str(args.r)]
         command += ["--lora-r", str(args.lora_r), "--chunk", str(args.chunk), "--context", str(args.context)]
-        command += ["--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
+        command += ["--seed", str(args.seed), *placement_arguments(args)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"error: the run {spec} failed:\n{done.stderr[-2000:]}")
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="finished measurements (default under ~/.cache)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args(argv)
-    apply_threads(args)
+    apply_common(args)
     if args.measure is not None:
         print(json.dumps(measure(json.loads(args.measure), args)))
         return 0

@@ -25,6 +25,7 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
     "script, extra, keys",
     [
         ("overhead.py", ["--tokens", "32", "--repeats", "1"], {"inference", "training", "init_vs_forward"}),
+        ("overhead.py", ["--tokens", "32", "--repeats", "1", "--dtype", "bfloat16"], {"inference", "training"}),
         ("merge_fidelity.py", ["--tokens", "32"], {"rows"}),
         ("init_ablation.py", ["--chunk", "32", "--steps", "1", "--offsets", "0,64"], {"runs", "mean_next_chunk_loss"}),
         ("startup.py", ["--repeats", "1"], {"rows", "repeats"}),
@@ -35,6 +36,7 @@ def test_benchmark_smallest_mode(tmp_path, script, extra, keys):
     run_benchmark(script, "--out", str(out), *extra)
     result = json.loads(out.read_text())
     assert keys <= result.keys() and result["machine"]["torch"]
+    assert result["machine"]["dtype"] == ("bfloat16" if "bfloat16" in extra else "float32")
     if script == "merge_fidelity.py":
         rows = {row["setting"]: row for row in result["rows"]}
         assert rows["fp32 merge"]["max abs diff"] < 1e-4
@@ -275,6 +277,8 @@ for script in {scripts!r}:
         except SystemExit as exit:
             assert exit.code in (0, None), (script, exit.code)
     assert "usage:" in out.getvalue(), script
+    if script not in ("report.py", "cuda_check.py", "startup.py"):  # every benchmark of a model runs on a GPU too
+        assert "--device DEVICE" in out.getvalue() and "--dtype {{bfloat16,float16,float32}}" in out.getvalue(), script
     print(script, "ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=BENCHMARKS)
