@@ -133,20 +133,38 @@ def tiny_model_folder() -> Path:
     return folder
 
 
-def median_seconds(functions: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each function, measured in interleaved rounds so drift hits every variant alike."""
+def timed_rounds(
+    functions: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of each call of each function, measured in ``repeats`` interleaved rounds (every function
+    once per round, in order) so drift on a shared machine hits every variant alike; ``warmup`` untimed rounds first.
+    CPU time is this process's (all threads), so on a busy machine it shows what the wall time hides."""
     for _ in range(warmup):
         for function in functions.values():
             function()
-    samples: dict[str, list[float]] = {name: [] for name in functions}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
             synchronize()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             function()
             synchronize()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
+            samples[name].append((time.perf_counter() - start, time.process_time() - cpu))
+    return samples
+
+
+def median_seconds(functions: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each function over `timed_rounds`."""
+    rounds = timed_rounds(functions, repeats, warmup)
+    return {name: statistics.median(wall for wall, _ in times) for name, times in rounds.items()}
+
+
+def round_ratios(rounds: dict[str, list[tuple[float, float]]], name: str, reference: str) -> dict[str, Any]:
+    """``name``'s time over ``reference``'s, round by round (the same round's neighbours share the machine's state):
+    the median and range of the wall-time ratios and the median CPU-time ratio."""
+    wall = [a[0] / b[0] for a, b in zip(rounds[name], rounds[reference], strict=True)]
+    cpu = [a[1] / b[1] for a, b in zip(rounds[name], rounds[reference], strict=True)]
+    return {"wall": statistics.median(wall), "wall range": (min(wall), max(wall)), "cpu": statistics.median(cpu)}
 
 
 def machine() -> dict[str, Any]:

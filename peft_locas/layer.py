@@ -81,11 +81,12 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         if old is not None:
             self.locas_memory[adapter_name].requires_grad_(old.key.requires_grad)
 
-    def memory_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``tau * Mem(x)`` of one adapter, computed in the memory's dtype."""
+    def memory_output(self, x: torch.Tensor, adapter_name: str, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """``tau * Mem(x)`` of one adapter, computed in the memory's dtype; with ``add_to``, ``add_to`` plus it in
+        ``add_to``'s dtype (fused where the dtypes agree, see `LocasMemory.forward`)."""
         memory = self.locas_memory[adapter_name]
         x = self._cast_input_dtype(x, memory.key.dtype)
-        return memory(x, self.block_kind.activation(self.get_base_layer()))
+        return memory(x, self.block_kind.activation(self.get_base_layer()), add_to=add_to)
 
     def forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any
@@ -102,7 +103,7 @@ class LocasLayer(nn.Module, BaseTunerLayer):
             return result
         for adapter_name in self.active_adapters:
             if adapter_name in self.locas_memory:
-                result = result + self.memory_output(x, adapter_name).to(result.dtype)
+                result = self.memory_output(x, adapter_name, add_to=result)
         return result
 
     def _check_forward_args(self, x: torch.Tensor, adapter_names: list[str] | None) -> None:
@@ -135,8 +136,7 @@ class LocasLayer(nn.Module, BaseTunerLayer):
         memories = [self.locas_memory[name] for name in adapter_names if name in self.locas_memory]
         if len(memories) == len(adapter_names) and all(memories[0].stackable_with(m) for m in memories[1:]):
             x = self._cast_input_dtype(x, memories[0].key.dtype)
-            output = stacked_output(memories, x, self.block_kind.activation(self.get_base_layer()))
-            return result + output.to(result.dtype)
+            return stacked_output(memories, x, self.block_kind.activation(self.get_base_layer()), add_to=result)
         for adapter_name in set(adapter_names) & set(self.locas_memory):
             rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
             result[rows] += self.memory_output(x[rows], adapter_name).to(result.dtype)

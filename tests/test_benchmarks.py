@@ -24,7 +24,7 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "script, extra, keys",
     [
-        ("overhead.py", ["--tokens", "32", "--repeats", "1"], {"inference", "training", "init_vs_forward"}),
+        ("overhead.py", ["--tokens", "32", "--repeats", "1"], {"inference", "decode", "training", "init_vs_forward"}),
         ("overhead.py", ["--tokens", "32", "--repeats", "1", "--dtype", "bfloat16"], {"inference", "training"}),
         ("merge_fidelity.py", ["--tokens", "32"], {"rows"}),
         ("init_ablation.py", ["--chunk", "32", "--steps", "1", "--offsets", "0,64"], {"runs", "mean_next_chunk_loss"}),

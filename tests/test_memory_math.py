@@ -42,6 +42,39 @@ def test_memory_output_matches_the_equations(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_memory_gradients_match_the_equations(family):
+    """The fused forward (gate and key rows in one matmul, the output added by one addmm) has the gradients of the
+    equations' separate products, for the memory's rows and for the input."""
+    model = get_peft_model(tiny_model(family), LocasConfig(r=5, init_weights=False))
+    layer = _first_layer(model)
+    block, memory = layer.get_base_layer(), layer.locas_memory["default"]
+    act = block.act_fn if family == "llama" else block.act
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    upstream = torch.randn(2, 7, 64)
+    (layer(x) * upstream).sum().backward()
+    fused = [t.grad.clone() for t in (x, *memory.parameters())]
+    for t in (x, *memory.parameters()):
+        t.grad = None
+    hidden = act(x @ memory.gate.T) * (x @ memory.key.T) if family == "llama" else act(x @ memory.key.T)
+    ((block(x) + memory.tau * hidden @ memory.value) * upstream).sum().backward()
+    for got, want in zip(fused, (t.grad for t in (x, *memory.parameters())), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_memory_in_float32_beside_a_bfloat16_block():
+    """A memory kept in float32 (PEFT's autocast_adapter_dtype) adds its output to a bfloat16 block in bfloat16."""
+    model = get_peft_model(tiny_model("llama").to(torch.bfloat16), LocasConfig(r=5, init_weights=False))
+    layer = _first_layer(model)
+    memory = layer.locas_memory["default"]
+    assert memory.key.dtype == torch.float32
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = layer.get_base_layer()(x) + memory(x.float(), layer.get_base_layer().act_fn).to(torch.bfloat16)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_default_init_clones_top_param_norm_units(family):
     r = 6
     model = get_peft_model(tiny_model(family), LocasConfig(r=r))
