@@ -153,7 +153,17 @@ def test_bad_inputs_give_one_error_line(files, tmp_path, capsys, monkeypatch):
         (
             ["merge", "--model", main, "--adapter", str(root / "nowhere"), "--out", out],
             1,
-            r"adapter folder .*nowhere not found",
+            r"adapter folder .*nowhere not found$",
+        ),
+        (
+            ["merge", "--model", main, "--adapter", str(tmp_path / "short.txt"), "--out", out],
+            1,
+            r"short\.txt is a file, not an adapter folder \(one holding adapter_config\.json and adapter_model",
+        ),
+        (
+            ["eval", "--model", main, "--text", text, "--adapter", str(tmp_path / "full")],
+            1,
+            r"full is a folder without adapter_config\.json or adapter_model\.safetensors, not an adapter folder",
         ),
         (
             ["merge", "--model", main, "--adapter", str(files["adapters"]["lora"]), "--out", out, "--dequantize"],

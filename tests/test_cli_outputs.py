@@ -84,7 +84,7 @@ def test_a_full_disk_or_a_crash_while_memorizing_loses_at_most_one_chunk(files, 
     assert cli.main([*common, "--out", str(tmp_path / "reference"), "--no-checkpoint"]) == 0
     assert not (tmp_path / "reference.checkpoint").exists()
     plan = capsys.readouterr().err
-    assert "memorize: 320 tokens of a in 5 chunks of up to 64 (16-token prefix, 1 training steps each); " in plan
+    assert "memorize: 320 tokens of a in 5 chunks of up to 64 tokens (16-token prefix, 1 training step each); " in plan
     assert "no checkpoints" in plan
 
     out = tmp_path / "adapter"

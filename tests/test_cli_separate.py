@@ -32,8 +32,9 @@ def test_each_text_gets_its_own_memory_equal_to_a_single_text_run(files, tmp_pat
     texts = ["--text", str(files["texts"]), str(files["third"])]
     assert memorize(files, out, *texts, "--separate") == 0
     printed = capsys.readouterr()
-    assert "3 texts, each into its own memory" in printed.err
-    assert f"memories in {out}: first, second, third_text (from third text)" in printed.err
+    assert "3 texts, each into its own memory, in at most 12 chunks per text of up to 64 tokens" in printed.err
+    assert f"memories in {out}: first, second, third_text (from {files['third']})" in printed.err
+    assert f"{out} holds 3 memories: first (new), second (new), third_text (new)" in printed.out
     assert printed.out.count("prequential perplexity") == 3
     names = ["first", "second", "third_text"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == names
@@ -76,8 +77,18 @@ def test_each_text_gets_its_own_memory_equal_to_a_single_text_run(files, tmp_pat
     assert cli.main(["eval", "--text", str(files["third"]), "--adapter", str(out), *RUN[:4]]) == 1
     assert (
         f"error: {out} is a folder of 3 memories (first, second, third_text), not one adapter: give one of them, e.g. "
-        f"{out / 'first'} (ask --memory {out} asks them all)" in capsys.readouterr().err
+        f"{out / 'first'}\n" in capsys.readouterr().err
     )
+    ask = ["ask", "--model", str(files["main"]), "--question", "Who?"]
+    assert cli.main([*ask, "--adapter", str(out)]) == 1
+    assert f"e.g. {out / 'first'} (ask --memory {out} asks them all)" in capsys.readouterr().err
+    # a library is no output to replace: no --overwrite hint, with or without it
+    for overwrite in ([], ["--overwrite"]):
+        assert memorize(files, out, "--text", str(files["third"]), *overwrite) == 1
+        assert capsys.readouterr().err == (
+            f"error: --out {out} is a folder of 3 memories (first, second, third_text): write to a new folder "
+            f"inside it ({out}/NAME) or choose another --out (memorize --separate --out {out} adds memories to it)\n"
+        )
 
     # a later run adds its memory to the library; the same name needs --overwrite, which replaces only that memory
     before = (out / "first" / "adapter_model.safetensors").read_bytes()
@@ -88,6 +99,8 @@ def test_each_text_gets_its_own_memory_equal_to_a_single_text_run(files, tmp_pat
     extra.write_text((files["third"]).read_text())
     assert memorize(files, out, "--text", str(extra), str(files["third"]), "--separate", "--overwrite") == 0
     assert sorted(p.name for p in out.iterdir()) == ["first", "fourth", "second", "third_text"]
+    held = "first (kept), fourth (new), second (kept), third_text (replaced)"
+    assert f"{out} holds 4 memories: {held}" in capsys.readouterr().out
     assert (out / "first" / "adapter_model.safetensors").read_bytes() == before
 
 
@@ -99,6 +112,12 @@ def test_a_library_is_asked_as_all_its_memories(files, tmp_path, capsys):
     assert cli.main(["ask", "--model", str(files["main"]), "--memory", str(out), *question]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["memory"] for line in lines] == [str(out / "first"), str(out / "second")]
+    twice = ["--memory", str(out), "--memory", str(out / "second")]
+    assert cli.main(["ask", "--model", str(files["main"]), *twice, *question]) == 1
+    message = f"error: --memory names {out / 'second'} twice (directly or inside a library): give each memory once"
+    assert capsys.readouterr().err == message + "\n"
+    assert cli.main(["ask", "--model", str(files["main"]), "--memory", str(out), "--context-tokens", "8", *question])
+    assert "with --memory (memories of several texts) give a shared --context FILE" in capsys.readouterr().err
 
 
 def test_what_separate_refuses(files, tmp_path, capsys):
@@ -107,6 +126,7 @@ def test_what_separate_refuses(files, tmp_path, capsys):
         (["--adapter-type", "lora"], "does not take --adapter-type lora: memorise LoRA baselines one text at a time"),
         (["--self-study-questions", "1"], "does not take --self-study-questions"),
         (["--chunk-tokens", "600"], "the text second has 5"),
+        (["--text", str(files["texts"] / "first.txt")], f"--text names {files['texts'] / 'first.txt'} twice"),
     ]
     adapter = tmp_path / "an_adapter"
     adapter.mkdir()

@@ -143,7 +143,7 @@ def load_asker(args: argparse.Namespace):
     """The model (with ``--adapter`` when given) and its `Asker`, once every cheap check has passed."""
     check_context(args)
     if args.adapter is not None:
-        adapter_config(args.adapter)
+        adapter_config(args.adapter, library_hint=f" (ask --memory {args.adapter} asks them all)")
     folder = model_dir(args.model, args.adapter)
 
     from ..recall.asking import Asker, max_positions

@@ -190,13 +190,14 @@ def check_out(out: Path, overwrite: bool, inputs: tuple[Path | None, ...] = ()) 
         if source is not None and out.resolve() == source.resolve():
             raise UsageError(f"--out {out} is also an input of this command: write the result to another folder")
     if out.is_dir() and any(out.iterdir()):
+        if inside := memories_in(out):  # --overwrite never replaces a library whole, so it is no fix to offer
+            raise UsageError(
+                f"--out {out} is a folder of {len(inside)} {plural(len(inside), 'memory', 'memories')} "
+                f"({', '.join(e.name for e in inside)}): write to a new folder inside it ({out}/NAME) or choose "
+                f"another --out (memorize --separate --out {out} adds memories to it)"
+            )
         if not overwrite:
             raise UsageError(f"--out {out} exists and is not empty: pass --overwrite to replace it, or choose another")
-        if inside := memories_in(out):
-            raise UsageError(
-                f"--out {out} is a folder of {len(inside)} memories ({', '.join(e.name for e in inside)}), which "
-                "--overwrite does not replace whole: choose another --out, or one memory folder inside it"
-            )
         if not _is_output(out):
             raise UsageError(
                 f"--out {out} is not a model or adapter folder (no {', '.join(_OUTPUT_MARKERS)}): --overwrite replaces "
@@ -206,6 +207,11 @@ def check_out(out: Path, overwrite: bool, inputs: tuple[Path | None, ...] = ()) 
 
 def _is_output(folder: Path) -> bool:
     return any((folder / marker).is_file() for marker in _OUTPUT_MARKERS)
+
+
+def plural(count: int, one: str, many: str | None = None) -> str:
+    """``one`` or ``many`` (default ``one + "s"``) as ``count`` needs."""
+    return one if count == 1 else many or f"{one}s"
 
 
 def memories_in(folder: Path) -> list[Path]:
@@ -234,7 +240,8 @@ def check_library_out(out: Path, names: list[str], overwrite: bool, inputs: tupl
     if taken and not overwrite:
         raise UsageError(
             f"--out {out} already holds {', '.join(taken)}: pass --overwrite to replace "
-            f"{'them' if len(taken) > 1 else 'it'}, or rename the text files (each memory is named after its text)"
+            f"{'them' if len(taken) > 1 else 'it'}, or choose another --out (each memory is named after its text's "
+            "file or book)"
         )
     for name in taken:
         if not _is_output(out / name):
@@ -243,17 +250,31 @@ def check_library_out(out: Path, names: list[str], overwrite: bool, inputs: tupl
             )
 
 
-def adapter_config(adapter: Path) -> Any:
-    """The adapter's ``PeftConfig`` (imports peft: call it once the cheap checks have passed)."""
-    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+#: what an adapter folder holds, as PEFT's `save_pretrained` writes it
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def adapter_config(adapter: Path, library_hint: str = "") -> Any:
+    """The adapter's ``PeftConfig`` (imports peft: call it once the cheap checks have passed).
+
+    Raises:
+        UsageError: ``adapter`` is missing, a file, a library of memories (``library_hint`` is appended to that
+            message), or a folder without PEFT's two files.
+    """
+    missing = [name for name in _ADAPTER_FILES if not (adapter / name).is_file()]
+    if missing:
         if inside := memories_in(adapter):
             names = ", ".join(entry.name for entry in inside)
             raise UsageError(
-                f"{adapter} is a folder of {len(inside)} memories ({names}), not one adapter: give one of them, e.g. "
-                f"{inside[0]} (ask --memory {adapter} asks them all)"
+                f"{adapter} is a folder of {len(inside)} {plural(len(inside), 'memory', 'memories')} ({names}), not "
+                f"one adapter: give one of them, e.g. {inside[0]}{library_hint}"
             )
+        if not adapter.exists():
+            raise UsageError(f"adapter folder {adapter} not found")
+        what = "a file" if not adapter.is_dir() else f"a folder without {' or '.join(missing)}"
         raise UsageError(
-            f"adapter folder {adapter} not found (needs adapter_config.json and adapter_model.safetensors)"
+            f"{adapter} is {what}, not an adapter folder (one holding {' and '.join(_ADAPTER_FILES)}, as "
+            "memorize writes it)"
         )
     from peft import PeftConfig
 

@@ -18,6 +18,7 @@ from .inputs import (
     check_library_out,
     check_out,
     model_dir,
+    plural,
     read_sources,
 )
 from .options import (
@@ -168,10 +169,11 @@ def run(args: argparse.Namespace) -> int:
     if args.separate:
         plans = [_plan(tokenizer, source.memorized, args, source.label) for source in sources]
         num_tokens, num_chunks = sum(p[0] for p in plans), max(p[1] for p in plans)
-        label = f"{len(sources)} {'texts' if len(sources) > 1 else 'text'}, each into its own memory,"
+        label = f"{len(sources)} {plural(len(sources), 'text')}, each into its own memory,"
     else:
         num_tokens, num_chunks = _plan(tokenizer, memorized, args)
-    print(plan_line(label, num_tokens, num_chunks, args, args.checkpoint_dir), file=sys.stderr)
+    each = args.separate and len(sources) > 1
+    print(plan_line(label, num_tokens, num_chunks, args, args.checkpoint_dir, per_text=each), file=sys.stderr)
     if names is not None:
         from .memorize_separate import names_line
 
@@ -278,7 +280,13 @@ def write_records(folder: Path, record: dict[str, Any], result: Any, label: str,
 
 
 def _check_separate(args: argparse.Namespace, sources: list[Source]) -> None:
-    """``--separate`` trains new Locas memories, one per text, in one process."""
+    """``--separate`` trains new Locas memories, one per text, in one process; each text once."""
+    seen: dict[tuple[Path, str | None], Source] = {}
+    for source in sources:
+        key = (source.path.resolve(), source.sample)
+        if key in seen:
+            raise UsageError(f"--text names {source.path} twice: each text gets one memory, so give it once")
+        seen[key] = source
     refused = (
         ("--adapter", args.adapter is not None, "continue memories one at a time with --adapter"),
         ("--adapter-type lora", args.adapter_type == "lora", "memorise LoRA baselines one text at a time"),

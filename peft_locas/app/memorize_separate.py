@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .inputs import Source
+from .inputs import Source, memories_in, plural
 from .memorize import results_record, write_records
 from .output import atomic_folder, no_space
 
@@ -40,10 +40,19 @@ def adapter_names(sources: list[Source]) -> list[str]:
 
 
 def names_line(out: Path, sources: list[Source], names: list[str]) -> str:
-    """The line printed before training: where each text's memory goes (and, where they differ, its text's label)."""
+    """The line printed before training: where each text's memory goes (and, where the name is not the text's label,
+    the file it comes from)."""
     pairs = zip(sources, names, strict=True)
-    shown = [name if name == source.label else f"{name} (from {source.label})" for source, name in pairs]
+    shown = [name if name == source.label else f"{name} (from {source.path})" for source, name in pairs]
     return f"memories in {out}: {', '.join(shown)}"
+
+
+def library_line(out: Path, names: list[str], before: set[str]) -> str:
+    """The line printed at the end: every memory the library now holds, saying which this run added or replaced."""
+    held = [entry.name for entry in memories_in(out)]
+    marks = {name: "replaced" if name in before else "new" for name in names}
+    shown = [f"{name} ({marks.get(name, 'kept')})" for name in held]
+    return f"{out} holds {len(held)} {plural(len(held), 'memory', 'memories')}: {', '.join(shown)}"
 
 
 def run_separate(
@@ -66,6 +75,7 @@ def run_separate(
     from .run_log import RunLog
 
     checkpoints = args.checkpoint_dir
+    before = {entry.name for entry in memories_in(args.out)}
     longest = num_chunks.index(max(num_chunks))
     logs = {
         name: RunLog(None if checkpoints is None else checkpoints / name, chunks, True, quiet=index != longest)
@@ -109,9 +119,19 @@ def run_separate(
         print(f"{name}:")
         print(summary_table(result, costs=False))
     rate = total_tokens / wall if wall > 0 else float("nan")
-    print(f"{len(names)} texts, {total_tokens:,} tokens in {wall:.1f} s together ({rate:.1f} tokens/s)")
-    print(f"{len(names)} memories (adapters, results and plots): {', '.join(str(args.out / n) for n in names)}")
+    texts = f"{len(names)} {plural(len(names), 'text')}"
+    print(f"{texts}, {total_tokens:,} tokens in {wall:.1f} s together ({rate:.1f} tokens/s{peak_memory(results)})")
+    print(library_line(args.out, names, before))
     return 0
+
+
+def peak_memory(results: list[Any]) -> str:
+    """``", peak memory X GiB (kind)"`` of a batch (the process's peak, which every text's result records), or ""."""
+    measured = [r for r in results if r.peak_memory_bytes is not None]
+    if not measured:
+        return ""
+    top = max(measured, key=lambda r: r.peak_memory_bytes)
+    return f", peak memory {top.peak_memory_bytes / 2**30:.2f} GiB ({top.peak_memory_kind})"
 
 
 def _lift(folder: Path, name: str) -> None:

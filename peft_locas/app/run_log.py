@@ -15,12 +15,18 @@ from typing import Any
 CHUNK_LOG = "chunks.jsonl"
 
 
-def plan_line(label: str, num_tokens: int, num_chunks: int, args: Any, checkpoint_dir: Path | None) -> str:
-    """One line saying what the run will do, printed before the model loads."""
+def plan_line(
+    label: str, num_tokens: int, num_chunks: int, args: Any, checkpoint_dir: Path | None, per_text: bool = False
+) -> str:
+    """One line saying what the run will do, printed before the model loads; with ``per_text`` (texts memorised side
+    by side), ``num_chunks`` is the longest text's count."""
     where = f"checkpoints and {CHUNK_LOG} in {checkpoint_dir}" if checkpoint_dir is not None else "no checkpoints"
+    chunks = f"{num_chunks} {'chunk' if num_chunks == 1 else 'chunks'}"
+    chunks = f"at most {chunks} per text" if per_text else chunks
+    steps = f"{args.steps_per_chunk} training {'step' if args.steps_per_chunk == 1 else 'steps'}"
     return (
-        f"memorize: {num_tokens:,} tokens of {label} in {num_chunks} chunks of up to {args.chunk_tokens} "
-        f"({args.context_tokens}-token prefix, {args.steps_per_chunk} training steps each); {where}"
+        f"memorize: {num_tokens:,} tokens of {label} in {chunks} of up to {args.chunk_tokens} tokens "
+        f"({args.context_tokens}-token prefix, {steps} each); {where}"
     )
 
 
