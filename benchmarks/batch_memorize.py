@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -28,6 +27,7 @@ from common import (
     book_token_ids,
     finish,
     load_model,
+    measure_in_child,
     placement_arguments,
     start_clock,
 )
@@ -77,13 +77,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_child(args: argparse.Namespace, way: str, batch: int) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--measure", f"{way},{batch}", "--model", args.model, "--r", str(args.r)]
-    command += ["--tokens", str(args.tokens), "--chunk", str(args.chunk), "--context", str(args.context)]
-    command += ["--steps", str(args.steps), *placement_arguments(args)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"error: the {way} run of B={batch} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--measure", f"{way},{batch}", "--model", args.model, "--r", str(args.r)]
+    arguments += ["--tokens", str(args.tokens), "--chunk", str(args.chunk), "--context", str(args.context)]
+    arguments += ["--steps", str(args.steps), *placement_arguments(args)]
+    return measure_in_child(__file__, arguments, f"the {way} run of B={batch}")
 
 
 def summarise(batch: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import functools
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -165,6 +167,19 @@ def round_ratios(rounds: dict[str, list[tuple[float, float]]], name: str, refere
     wall = [a[0] / b[0] for a, b in zip(rounds[name], rounds[reference], strict=True)]
     cpu = [a[1] / b[1] for a, b in zip(rounds[name], rounds[reference], strict=True)]
     return {"wall": statistics.median(wall), "wall range": (min(wall), max(wall)), "cpu": statistics.median(cpu)}
+
+
+def measure_in_child(script: str, arguments: list[str], what: str) -> dict[str, Any]:
+    """Run ``python script *arguments`` (one measurement in a process of its own: its own peak memory, nothing warm
+    from another run) and return the JSON object its last line of output holds.
+
+    Raises:
+        SystemExit: the child failed; the message names ``what`` and ends with the child's error output.
+    """
+    done = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"error: {what} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def machine() -> dict[str, Any]:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from common import (
     book_token_ids,
     finish,
     load_model,
+    measure_in_child,
     placement_arguments,
     start_clock,
 )
@@ -92,13 +92,10 @@ class Runs:
 
     def _child(self, spec: dict[str, Any]) -> dict[str, Any]:
         args = self.args
-        command = [sys.executable, __file__, "--measure", json.dumps(spec), "--model", args.model, "--r", str(args.r)]
-        command += ["--lora-r", str(args.lora_r), "--chunk", str(args.chunk), "--context", str(args.context)]
-        command += ["--seed", str(args.seed), *placement_arguments(args)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"error: the run {spec} failed:\n{done.stderr[-2000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        arguments = ["--measure", json.dumps(spec), "--model", args.model, "--r", str(args.r)]
+        arguments += ["--lora-r", str(args.lora_r), "--chunk", str(args.chunk), "--context", str(args.context)]
+        arguments += ["--seed", str(args.seed), *placement_arguments(args)]
+        return measure_in_child(__file__, arguments, f"the run {spec}")
 
 
 def sweep_lora(runs: Runs, args: argparse.Namespace, steps: list[int]) -> dict[int, dict[str, Any]]:
