@@ -158,12 +158,12 @@ def test_bad_inputs_give_one_error_line(files, tmp_path, capsys, monkeypatch):
         (
             ["merge", "--model", main, "--adapter", str(tmp_path / "short.txt"), "--out", out],
             1,
-            r"short\.txt is a file, not an adapter folder \(one holding adapter_config\.json and adapter_model",
+            r"short\.txt is a file, not an adapter folder \(one holding adapter_config\.json and adapter_model\.safetensors\)$",  # noqa: E501
         ),
         (
             ["eval", "--model", main, "--text", text, "--adapter", str(tmp_path / "full")],
             1,
-            r"full is a folder without adapter_config\.json or adapter_model\.safetensors, not an adapter folder",
+            r"full is not an adapter folder: it has no adapter_config\.json or adapter_model\.safetensors$",
         ),
         (
             ["merge", "--model", main, "--adapter", str(files["adapters"]["lora"]), "--out", out, "--dequantize"],

@@ -313,6 +313,9 @@ def test_compose_two_memories(files, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: compose takes two or more memories: give --adapter for each"
     assert cli.main([*argv[:-2], "--weight", "2", "--out", str(tmp_path / "x")]) == 1
     assert capsys.readouterr().err.strip() == "error: give one --weight per --adapter (2 adapters, 1 weights)"
+    assert cli.main([*argv[:3], *argv[1:3], "--out", str(tmp_path / "x")]) == 1
+    message = f"error: --adapter {tmp_path / 'one'} is given twice: give each memory once (--weight scales a memory)"
+    assert capsys.readouterr().err.strip() == message
 
 
 def test_ask_several_memories_at_once(files, tmp_path, capsys):

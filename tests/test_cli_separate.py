@@ -79,6 +79,8 @@ def test_each_text_gets_its_own_memory_equal_to_a_single_text_run(files, tmp_pat
         f"error: {out} is a folder of 3 memories (first, second, third_text), not one adapter: give one of them, e.g. "
         f"{out / 'first'}\n" in capsys.readouterr().err
     )
+    assert cli.main(["compose", "--adapter", str(out), "--out", str(tmp_path / "composed")]) == 1
+    assert f"error: {out} is a folder of 3 memories (first, second, third_text), not one" in capsys.readouterr().err
     ask = ["ask", "--model", str(files["main"]), "--question", "Who?"]
     assert cli.main([*ask, "--adapter", str(out)]) == 1
     assert f"e.g. {out / 'first'} (ask --memory {out} asks them all)" in capsys.readouterr().err
@@ -114,10 +116,11 @@ def test_a_library_is_asked_as_all_its_memories(files, tmp_path, capsys):
     assert [line["memory"] for line in lines] == [str(out / "first"), str(out / "second")]
     twice = ["--memory", str(out), "--memory", str(out / "second")]
     assert cli.main(["ask", "--model", str(files["main"]), *twice, *question]) == 1
-    message = f"error: --memory names {out / 'second'} twice (directly or inside a library): give each memory once"
+    how = f"(from --memory {out} and --memory {out / 'second'})"
+    message = f"error: --memory gives {out / 'second'} twice {how}: give each memory once"
     assert capsys.readouterr().err == message + "\n"
     assert cli.main(["ask", "--model", str(files["main"]), "--memory", str(out), "--context-tokens", "8", *question])
-    assert "with --memory (memories of several texts) give a shared --context FILE" in capsys.readouterr().err
+    assert "with --adapter: with --memory give a shared --context FILE" in capsys.readouterr().err
 
 
 def test_what_separate_refuses(files, tmp_path, capsys):
@@ -126,8 +129,10 @@ def test_what_separate_refuses(files, tmp_path, capsys):
         (["--adapter-type", "lora"], "does not take --adapter-type lora: memorise LoRA baselines one text at a time"),
         (["--self-study-questions", "1"], "does not take --self-study-questions"),
         (["--chunk-tokens", "600"], "the text second has 5"),
-        (["--text", str(files["texts"] / "first.txt")], f"--text names {files['texts'] / 'first.txt'} twice"),
+        (["--text", str(files["texts"] / "first.txt")], "--text names first twice"),
     ]
+    assert memorize(files, files["texts"], *text, "--separate") == 1
+    assert f"error: --out {files['texts']} is also an input of this command" in capsys.readouterr().err
     adapter = tmp_path / "an_adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")

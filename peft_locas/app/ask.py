@@ -103,16 +103,18 @@ def load_memories(args: argparse.Namespace):
         raise UsageError("--memory and --adapter exclude each other: give every memory with --memory")
     if args.context_tokens is not None:
         raise UsageError(
-            "--context-tokens takes the end of the text one adapter memorised: with --memory (memories of several "
-            "texts) give a shared --context FILE, or ask each memory with --adapter DIR --context-tokens N"
+            "--context-tokens takes the end of the text one adapter memorised, with --adapter: with --memory give a "
+            "shared --context FILE, or ask each memory with --adapter DIR --context-tokens N"
         )
     check_context(args)
-    args.memory = [inside for memory in args.memory for inside in (memories_in(memory) or [memory])]
-    seen: set[Path] = set()
-    for memory in args.memory:
-        if memory.resolve() in seen:
-            raise UsageError(f"--memory names {memory} twice (directly or inside a library): give each memory once")
-        seen.add(memory.resolve())
+    given = [(inside, memory) for memory in args.memory for inside in (memories_in(memory) or [memory])]
+    seen: dict[Path, Path] = {}
+    for memory, spec in given:
+        if (first := seen.get(memory.resolve())) is not None:
+            how = "" if spec == memory == first else f" (from --memory {first} and --memory {spec})"
+            raise UsageError(f"--memory gives {memory} twice{how}: give each memory once")
+        seen[memory.resolve()] = spec
+    args.memory = [memory for memory, _ in given]
     for memory in args.memory:
         adapter_config(memory)
     folder = shared_base(args.model, args.memory)

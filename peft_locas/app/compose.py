@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .inputs import RESULTS_FILE, adapter_config, base_fingerprint, check_out, shared_base
+from .inputs import RESULTS_FILE, adapter_config, base_fingerprint, check_out, memories_in, shared_base
 from .options import UsageError, model_options
 from .output import atomic_folder, check_writable
 
@@ -33,8 +33,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_out(args.out, args.overwrite, (*args.adapter, args.model))
     check_writable(args.out)
+    for adapter in args.adapter:  # a library first: "give --adapter for each" would not say what it is
+        if memories_in(adapter):
+            adapter_config(adapter)
     if len(args.adapter) < 2:
         raise UsageError("compose takes two or more memories: give --adapter for each")
+    resolved = [adapter.resolve() for adapter in args.adapter]
+    if twice := next((a for i, a in enumerate(args.adapter) if resolved[i] in resolved[:i]), None):
+        raise UsageError(f"--adapter {twice} is given twice: give each memory once (--weight scales a memory)")
     weights = args.weight if args.weight is not None else [1.0] * len(args.adapter)
     if len(weights) != len(args.adapter):
         raise UsageError(f"give one --weight per --adapter ({len(args.adapter)} adapters, {len(weights)} weights)")

@@ -237,17 +237,17 @@ def check_library_out(out: Path, names: list[str], overwrite: bool, inputs: tupl
             "text): choose another --out"
         )
     taken = [name for name in names if (out / name).exists()]
+    for name in taken:
+        if not _is_output(out / name):
+            raise UsageError(
+                f"{out / name} is not a memory folder, so --overwrite leaves it: move it or rename the text"
+            )
     if taken and not overwrite:
         raise UsageError(
             f"--out {out} already holds {', '.join(taken)}: pass --overwrite to replace "
             f"{'them' if len(taken) > 1 else 'it'}, or choose another --out (each memory is named after its text's "
             "file or book)"
         )
-    for name in taken:
-        if not _is_output(out / name):
-            raise UsageError(
-                f"{out / name} is not a memory folder, so --overwrite leaves it: move it or rename the text"
-            )
 
 
 #: what an adapter folder holds, as PEFT's `save_pretrained` writes it
@@ -271,11 +271,9 @@ def adapter_config(adapter: Path, library_hint: str = "") -> Any:
             )
         if not adapter.exists():
             raise UsageError(f"adapter folder {adapter} not found")
-        what = "a file" if not adapter.is_dir() else f"a folder without {' or '.join(missing)}"
-        raise UsageError(
-            f"{adapter} is {what}, not an adapter folder (one holding {' and '.join(_ADAPTER_FILES)}, as "
-            "memorize writes it)"
-        )
+        if not adapter.is_dir():
+            raise UsageError(f"{adapter} is a file, not an adapter folder (one holding {' and '.join(_ADAPTER_FILES)})")
+        raise UsageError(f"{adapter} is not an adapter folder: it has no {' or '.join(missing)}")
     from peft import PeftConfig
 
     try:

@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
 
         sources = read_sources(args.text, args.sample, args.encoding)
         names = adapter_names(sources)
-        check_library_out(args.out, names, args.overwrite, (args.adapter, args.model))
+        folders = tuple(Path(spec) for spec in args.text if Path(spec).is_dir())
+        check_library_out(args.out, names, args.overwrite, (args.adapter, args.model, *folders))
     else:
         check_out(args.out, args.overwrite, (args.adapter, args.model))
     check_writable(args.out)
@@ -285,7 +286,7 @@ def _check_separate(args: argparse.Namespace, sources: list[Source]) -> None:
     for source in sources:
         key = (source.path.resolve(), source.sample)
         if key in seen:
-            raise UsageError(f"--text names {source.path} twice: each text gets one memory, so give it once")
+            raise UsageError(f"--text names {source.label} twice: each text gets one memory, so give it once")
         seen[key] = source
     refused = (
         ("--adapter", args.adapter is not None, "continue memories one at a time with --adapter"),
@@ -373,7 +374,8 @@ def summary_table(
     )
     peak = result.peak_memory_bytes
     memory = "n/a" if peak is None else f"{peak / 2**30:.2f} GiB ({result.peak_memory_kind})"
-    rows.append(("tokens scored", f"{result.total_tokens} in {len(result.token_counts)} chunks", ""))
+    chunks = len(result.token_counts)
+    rows.append(("tokens scored", f"{result.total_tokens} in {chunks} {plural(chunks, 'chunk')}", ""))
     if costs:
         rows += [
             ("wall time", f"{result.wall_time_s:.1f} s", ""),

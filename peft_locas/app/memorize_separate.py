@@ -42,8 +42,12 @@ def adapter_names(sources: list[Source]) -> list[str]:
 def names_line(out: Path, sources: list[Source], names: list[str]) -> str:
     """The line printed before training: where each text's memory goes (and, where the name is not the text's label,
     the file it comes from)."""
+    labels = [source.label for source in sources]
     pairs = zip(sources, names, strict=True)
-    shown = [name if name == source.label else f"{name} (from {source.path})" for source, name in pairs]
+    shown = [
+        name if name == source.label and labels.count(name) == 1 else f"{name} (from {source.path})"
+        for source, name in pairs
+    ]
     return f"memories in {out}: {', '.join(shown)}"
 
 
@@ -119,8 +123,8 @@ def run_separate(
         print(f"{name}:")
         print(summary_table(result, costs=False))
     rate = total_tokens / wall if wall > 0 else float("nan")
-    texts = f"{len(names)} {plural(len(names), 'text')}"
-    print(f"{texts}, {total_tokens:,} tokens in {wall:.1f} s together ({rate:.1f} tokens/s{peak_memory(results)})")
+    texts = f"{len(names)} texts side by side" if len(names) > 1 else "1 text"
+    print(f"{texts}: {total_tokens:,} tokens in {wall:.1f} s ({rate:.1f} tokens/s{peak_memory(results)})")
     print(library_line(args.out, names, before))
     return 0
 
