@@ -56,6 +56,21 @@ def weight_gradients(backward: list, tokens: int) -> Counter:
     return shapes
 
 
+def memory_gradient_shapes(layers: list) -> dict[tuple[int, ...], int]:
+    """Each shape a memory's weight gradient takes, with the number of memory matrices one such product covers: a GLU
+    memory computes its gate and key rows as one ``(2r, d_in)`` product (`LocasMemory.forward`), so one gradient
+    product covers both; a value (or a two-layer MLP's key) is one matrix."""
+    shapes: dict[tuple[int, ...], int] = {}
+    for layer in layers:
+        for memory in layer.locas_memory.values():
+            if memory.gate is not None:
+                shapes[(2 * memory.width, memory.key.shape[1])] = 2
+            else:
+                shapes[tuple(memory.key.shape)] = 1
+            shapes[tuple(memory.value.shape)] = 1
+    return shapes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
@@ -94,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     forward_products = len(products(events, "forward")) / steps
     backward = products(events, "backward")
     gradients = weight_gradients(backward, tokens)
-    memory_shapes = {tuple(p.shape) for m in memories for p in m.locas_memory.parameters()}
-    frozen_shapes = {tuple(p.shape) for p in model.parameters() if not p.requires_grad} - memory_shapes
-    memory_gradients = sum(n for shape, n in gradients.items() if shape in memory_shapes) / steps
+    memory_shapes = memory_gradient_shapes(memories)
+    frozen_shapes = {tuple(p.shape) for p in model.parameters() if not p.requires_grad} - memory_shapes.keys()
+    memory_gradients = sum(n * memory_shapes[shape] for shape, n in gradients.items() if shape in memory_shapes) / steps
     frozen_gradients = sum(n for shape, n in gradients.items() if shape in frozen_shapes) / steps
     ops = sorted(
         (e for e in prof.key_averages() if e.key not in ("forward", "backward")),
