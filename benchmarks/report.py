@@ -234,20 +234,23 @@ def steps_pareto_tables(result: dict[str, Any]) -> str:
     }
     parts = [
         source_line(result, "steps_pareto"),
-        f"\nFirst {result['tokens_per_book']:,} tokens of each book, Locas r={result['r']} `top_k` (lr 4e-3) and LoRA "
-        f"r={result['lora_r']} (lr swept per step count), {result['rounds']} interleaved rounds (median time; wall "
-        "range over rounds):\n",
+        f"\nFirst {result['tokens_per_book']:,} tokens of each book, Locas r={result['r']} `top_k` "
+        f"({'lr swept per step count' if 'locas_lr_sweep' in result else 'lr 4e-3'}) and LoRA r={result['lora_r']} "
+        f"(lr swept per step count), {result['rounds']} interleaved rounds (median time; wall range over rounds):\n",
     ]
     for book in dict.fromkeys(row["book"] for row in result["rows"]):
         rows = [{**row, "lr": row["lr"] or 4e-3} for row in result["rows"] if row["book"] == book]
         parts.append(f"\n**{title(book)}**:\n\n" + table(rows, columns))
-    sweep = [
-        {"steps": steps, **{f"lr {float(lr):g}": ppl for lr, ppl in entry["perplexity_by_lr"].items()}}
-        for steps, entry in result["lora_lr_sweep"].items()
-    ]
-    lrs = [key for key in sweep[0] if key != "steps"]
-    parts.append("\nLoRA's learning-rate sweep (prequential perplexity on the sweep book):\n\n")
-    parts.append(table(sweep, {"steps": None, **dict.fromkeys(lrs, fixed(2))}))
+    for key, name in (("lora_lr_sweep", "LoRA"), ("locas_lr_sweep", "Locas")):
+        if key not in result:
+            continue
+        sweep = [
+            {"steps": steps, **{f"lr {float(lr):g}": ppl for lr, ppl in entry["perplexity_by_lr"].items()}}
+            for steps, entry in result[key].items()
+        ]
+        lrs = [column for column in sweep[0] if column != "steps"]
+        parts.append(f"\n{name}'s learning-rate sweep (prequential perplexity on the sweep book):\n\n")
+        parts.append(table(sweep, {"steps": None, **dict.fromkeys(lrs, fixed(2))}))
     targets = [steps_target(book, result["rows"]) for book in dict.fromkeys(row["book"] for row in result["rows"])]
     parts.append("\n" + "".join(f"- {target['summary']}\n" for target in targets))
     return "".join(parts)

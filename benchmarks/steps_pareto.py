@@ -1,7 +1,8 @@
 """Steps per chunk: prequential perplexity against training time for Locas and TempLoRA-style LoRA, at 1, 2 and 4
 optimiser steps per chunk, on real novels read with a short window (`book_ppl.py`'s protocol).
 
-Locas r=``--r`` ``top_k`` runs at its engine default learning rate; LoRA r=64 (TempLoRA's recipe) at the learning
+Locas r=``--r`` ``top_k`` runs at its engine default learning rate (or, with ``--locas-lrs``, at the rate a sweep
+picks as for LoRA); LoRA r=64 (TempLoRA's recipe) at the learning
 rate a sweep picks *for each step count* (``--lora-lrs`` on ``--sweep-book``, a novel not benchmarked, lowest
 prequential perplexity wins), since a step count can move LoRA's best rate. Every (book, method, steps) run is a
 child process; the methods alternate in ``--rounds`` interleaved rounds (the order flips every round), so drift on a
@@ -98,17 +99,18 @@ class Runs:
         return measure_in_child(__file__, arguments, f"the run {spec}")
 
 
-def sweep_lora(runs: Runs, args: argparse.Namespace, steps: list[int]) -> dict[int, dict[str, Any]]:
-    """LoRA's learning rate per step count: lowest prequential perplexity on the sweep book."""
+def sweep(runs: Runs, args: argparse.Namespace, steps: list[int], method: str, lrs: str) -> dict[int, dict[str, Any]]:
+    """``method``'s learning rate per step count, out of the comma-separated ``lrs``: lowest prequential perplexity on
+    the sweep book."""
     chosen = {}
     for count in steps:
         by_lr = {}
-        for lr in (float(value) for value in args.lora_lrs.split(",")):
-            spec = {"book": args.sweep_book, "tokens": args.sweep_tokens, "method": "lora", "steps": count, "lr": lr}
+        for lr in (float(value) for value in lrs.split(",")):
+            spec = {"book": args.sweep_book, "tokens": args.sweep_tokens, "method": method, "steps": count, "lr": lr}
             by_lr[lr] = runs.get(spec, 0)["perplexity"]
         best = min(by_lr, key=by_lr.get)
         chosen[count] = {"perplexity_by_lr": by_lr, "chosen": best}
-        print(f"LoRA lr sweep at {count} steps on {args.sweep_book}: {by_lr}; chose {best:g}", flush=True)
+        print(f"{method} lr sweep at {count} steps on {args.sweep_book}: {by_lr}; chose {best:g}", flush=True)
     return chosen
 
 
@@ -167,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-book", default="northanger_abbey", help="novel for LoRA's learning-rate sweeps")
     parser.add_argument("--sweep-tokens", type=int, default=None, help="default 2048, quick 512")
     parser.add_argument("--lora-lrs", default="5e-4,1e-3,2e-3", help="LoRA learning rates tried per step count")
+    parser.add_argument(
+        "--locas-lrs",
+        default=None,
+        help="Locas learning rates tried per step count, as LoRA's (default: none, the engine's 4e-3 throughout)",
+    )
     parser.add_argument("--chunk", type=int, default=512, help="tokens scored, then trained on, per chunk")
     parser.add_argument("--context", type=int, default=256, help="short window: prefix tokens given to each chunk")
     parser.add_argument("--work", default=None, help="finished measurements (default under ~/.cache)")
@@ -187,12 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     start_clock(args)
     runs = Runs(args)
-    sweep = sweep_lora(runs, args, steps)
+    lora_sweep = sweep(runs, args, steps, "lora", args.lora_lrs)
+    locas_sweep = sweep(runs, args, steps, "locas", args.locas_lrs) if args.locas_lrs else None
     specs = [
         {"book": book, "tokens": args.tokens, "method": method, "steps": count, "lr": lr}
         for book in books
         for count in steps
-        for method, lr in (("locas", None), ("lora", sweep[count]["chosen"]))
+        for method, lr in (
+            ("locas", locas_sweep[count]["chosen"] if locas_sweep else None),
+            ("lora", lora_sweep[count]["chosen"]),
+        )
     ]
     measured: dict[int, list[dict[str, Any]]] = {index: [] for index in range(len(specs))}
     for round_index in range(rounds):
@@ -215,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     figure.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, figure)
     extra = {"tokens_per_book": args.tokens, "rounds": rounds, "r": args.r, "lora_r": args.lora_r, "plot": figure.name}
-    return finish("steps_pareto", args, rows, COLUMNS, {**extra, "lora_lr_sweep": sweep, "targets": targets})
+    extra |= {"lora_lr_sweep": lora_sweep, "targets": targets}
+    if locas_sweep:
+        extra["locas_lr_sweep"] = locas_sweep
+    return finish("steps_pareto", args, rows, COLUMNS, extra)
 
 
 if __name__ == "__main__":

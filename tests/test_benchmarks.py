@@ -105,23 +105,25 @@ def test_profile_step_smallest_mode(tmp_path):
 
 
 def test_steps_pareto_smallest_mode(tmp_path):
-    """Every (book, method, steps) is measured once per round with LoRA's swept rate; perplexity repeats exactly across
-    rounds; the target is evaluated from the rows; a rerun reuses the finished measurements."""
+    """Every (book, method, steps) is measured once per round with each method's swept rate; perplexity repeats
+    exactly across rounds; the target is evaluated from the rows; a rerun reuses the finished measurements."""
     out, work = tmp_path / "pareto.json", tmp_path / "work"
     protocol = ["--tokens", "96", "--chunk", "32", "--context", "8", "--r", "8", "--lora-r", "8", "--steps", "1"]
-    protocol += ["--rounds", "2", "--sweep-tokens", "64", "--lora-lrs", "1e-3,3e-3", "--work", str(work)]
+    protocol += ["--rounds", "2", "--sweep-tokens", "64", "--lora-lrs", "1e-3,3e-3", "--locas-lrs", "4e-3,1e-2"]
+    protocol += ["--work", str(work)]
     protocol += ["--books", "persuasion"]
     run_benchmark("steps_pareto.py", "--out", str(out), *protocol)
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [(row["method"], row["steps"]) for row in rows] == [("locas", 1), ("lora", 1)]
     assert all(len(row["runs"]) == 2 and row["ppl spread"] == 0 and row["CPU s"] > 0 for row in rows)
-    for steps, sweep in result["lora_lr_sweep"].items():
-        chosen = min(sweep["perplexity_by_lr"], key=sweep["perplexity_by_lr"].get)
-        assert sweep["chosen"] == float(chosen)
-        assert all(
-            row["lr"] == sweep["chosen"] for row in rows if (row["method"], row["steps"]) == ("lora", int(steps))
-        )
+    for method in ("lora", "locas"):
+        for steps, sweep in result[f"{method}_lr_sweep"].items():
+            chosen = min(sweep["perplexity_by_lr"], key=sweep["perplexity_by_lr"].get)
+            assert sweep["chosen"] == float(chosen)
+            assert all(
+                row["lr"] == sweep["chosen"] for row in rows if (row["method"], row["steps"]) == (method, int(steps))
+            )
     assert [target["book"] for target in result["targets"]] == ["persuasion"]
     assert (tmp_path / "steps_pareto_quick.png").stat().st_size > 0
     stored = json.loads((work / "steps_pareto_runs.json").read_text())
