@@ -350,6 +350,12 @@ def _sources_record(sources: list[Source], label: str) -> dict[str, Any]:
     return {**single, "text": label, "texts": texts}
 
 
+def peak_memory_text(result: Any) -> str:
+    """A result's peak memory as ``"X.XX GiB (kind)"``, or ``""`` where none was measured."""
+    peak = result.peak_memory_bytes
+    return "" if peak is None else f"{peak / 2**30:.2f} GiB ({result.peak_memory_kind})"
+
+
 def summary_table(
     result: Any,
     with_label: str = "with memory",
@@ -372,15 +378,13 @@ def summary_table(
     rows.append(
         ("mean chunk perplexity", f"{result.mean_chunk_perplexity:.3f}", _fmt(result.baseline_mean_chunk_perplexity))
     )
-    peak = result.peak_memory_bytes
-    memory = "n/a" if peak is None else f"{peak / 2**30:.2f} GiB ({result.peak_memory_kind})"
     chunks = len(result.token_counts)
     rows.append(("tokens scored", f"{result.total_tokens} in {chunks} {plural(chunks, 'chunk')}", ""))
     if costs:
         rows += [
             ("wall time", f"{result.wall_time_s:.1f} s", ""),
             ("tokens/s", f"{result.tokens_per_s:.1f}", ""),
-            ("peak memory", memory, ""),
+            ("peak memory", peak_memory_text(result) or "n/a", ""),
         ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}".rstrip() for a, b, c in rows)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .inputs import Source, memories_in, plural
-from .memorize import results_record, write_records
+from .memorize import peak_memory_text, results_record, write_records
 from .output import atomic_folder, no_space
 
 #: adapter names PEFT treats specially (``"default"`` is saved at the folder's top, ``"__base__"`` means no adapter)
@@ -134,8 +134,7 @@ def peak_memory(results: list[Any]) -> str:
     measured = [r for r in results if r.peak_memory_bytes is not None]
     if not measured:
         return ""
-    top = max(measured, key=lambda r: r.peak_memory_bytes)
-    return f", peak memory {top.peak_memory_bytes / 2**30:.2f} GiB ({top.peak_memory_kind})"
+    return f", peak memory {peak_memory_text(max(measured, key=lambda r: r.peak_memory_bytes))}"
 
 
 def _lift(folder: Path, name: str) -> None:
