@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    RESULTS,
     add_common_arguments,
     apply_common,
     book_token_ids,
@@ -60,6 +61,21 @@ def method_specs(lora_lr: float) -> list[dict[str, Any]]:
     """The methods compared on every book."""
     specs = [{"method": "no memory", "kind": "eval"}, {"method": "long window", "kind": "long"}]
     return specs + [locas_spec(r, init) for r, init in LOCAS_RUNS] + [lora_spec(lora_lr)]
+
+
+def chosen_lora_lr(args: argparse.Namespace) -> float:
+    """``--lora-lr``, else the learning rate this benchmark's sweep chose (so the benchmarks reading its runs judge the
+    same LoRA).
+
+    Raises:
+        SystemExit: neither exists (the message says which run or option gives one).
+    """
+    if args.lora_lr is not None:
+        return args.lora_lr
+    path = RESULTS / f"book_ppl{'_quick' * args.quick}.json"
+    if not path.exists():
+        raise SystemExit(f"error: no LoRA learning rate: run book_ppl.py{' --quick' * args.quick} or pass --lora-lr")
+    return json.loads(path.read_text())["lora_lr_sweep"]["chosen"]
 
 
 def run_one(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

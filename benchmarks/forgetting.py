@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from book_ppl import add_protocol_arguments, default_work, locas_spec, lora_spec, memorize_run
+from book_ppl import add_protocol_arguments, chosen_lora_lr, default_work, locas_spec, lora_spec, memorize_run
 from common import (
-    RESULTS,
     add_common_arguments,
     apply_common,
     book_token_ids,
@@ -107,16 +106,6 @@ def measure(model, name: str, questions, encode, heldout: list[int], args: argpa
     row["held-out ppl"] = result.perplexity
     print(f"{name}: {row}", flush=True)
     return row
-
-
-def chosen_lora_lr(args: argparse.Namespace) -> float:
-    """``--lora-lr``, else the learning rate book_ppl's sweep chose (so both benchmarks judge the same LoRA)."""
-    if args.lora_lr is not None:
-        return args.lora_lr
-    path = RESULTS / f"book_ppl{'_quick' * args.quick}.json"
-    if not path.exists():
-        raise SystemExit(f"error: no LoRA learning rate: run book_ppl.py{' --quick' * args.quick} or pass --lora-lr")
-    return json.loads(path.read_text())["lora_lr_sweep"]["chosen"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -256,6 +256,17 @@ def steps_pareto_tables(result: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def long_read_table(result: dict[str, Any]) -> str:
+    """Perplexity of the whole read and of each stretch of it, per method (times are single runs: not shown)."""
+    stretches = [key for key in result["rows"][0] if key.startswith("ppl ")]
+    columns = {"method": None, "ppl": fixed(2), **dict.fromkeys(stretches, fixed(2)), "extra params": millions}
+    return (
+        source_line(result, "long_read")
+        + f"\n**{title(result['book'])}**, first {result['tokens']:,} tokens (whole read, then each "
+        f"{result['segment']:,}-token stretch; LoRA at lr {result['lora_lr']:g}):\n\n" + table(result["rows"], columns)
+    )
+
+
 def percent1(value: float) -> str:
     return f"{100 * value:.1f}%"
 
@@ -531,12 +542,13 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "batch_memorize": batch_memorize_table,
     "profile_step": profile_step_table,
     "steps_pareto": steps_pareto_tables,
+    "long_read": long_read_table,
 }
 
 
 def render(results_dir: Path, out: Path) -> list[Path]:
-    """Write one Markdown file per available result (and the targets table, the book_ppl and steps_pareto plots);
-    return them."""
+    """Write one Markdown file per available result (and the targets table, the book_ppl, steps_pareto and long_read
+    plots); return them."""
     results = {
         name: json.loads((results_dir / f"{name}.json").read_text())
         for name in RENDERERS
@@ -550,7 +562,7 @@ def render(results_dir: Path, out: Path) -> list[Path]:
     if {"book_ppl", "overhead"} <= results.keys():
         written.append(out / "targets.md")
         written[-1].write_text(targets_table(results))
-    for plot in ("book_ppl.png", "steps_pareto.png"):
+    for plot in ("book_ppl.png", "steps_pareto.png", "long_read.png"):
         if (results_dir / plot).exists():
             written.append(out / plot)
             shutil.copyfile(results_dir / plot, written[-1])

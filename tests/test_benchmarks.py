@@ -1,6 +1,7 @@
 """Every benchmark runs end to end in its smallest mode on a tiny model, so the scripts cannot rot."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,32 @@ def test_book_ppl_and_forgetting_smallest_mode(tmp_path):
         assert forgetting[merged]["gold loglik"] == pytest.approx(forgetting[unmerged]["gold loglik"], abs=1e-3)
         assert forgetting[merged]["held-out ppl"] == pytest.approx(forgetting[unmerged]["held-out ppl"], rel=1e-4)
     assert forgetting["base"]["gold loglik change"] == 0
+
+
+def test_long_read_smallest_mode(tmp_path):
+    """long_read reads one book with every width and LoRA in book_ppl's runs; each stretch's perplexity is its
+    chunks' (their token-weighted mean loss recovers the whole read's); a rerun trains nothing again."""
+    work, out = tmp_path / "work", tmp_path / "long_read.json"
+    args = ["--tokens", "512", "--segment", "256", "--ranks", "4,16", "--chunk", "128", "--context", "64"]
+    args += ["--long-chunk", "128", "--lora-lr", "1e-3", "--work", str(work), "--out", str(out)]
+    first = run_benchmark("long_read.py", *args)
+    assert "running locas r=16 top_k on emma (512 tokens)" in first.stdout
+    result = json.loads(out.read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert list(rows) == ["no memory", "long window", "locas r=4 top_k", "locas r=16 top_k", "lora r=64"]
+    assert rows["locas r=16 top_k"]["extra params"] == 2 * 3 * 64 * 16
+    for run, row in zip(result["runs"], result["rows"], strict=True):
+        counts, losses = run["result"]["token_counts"], run["result"]["losses"]
+        assert list(row)[2:4] == ["ppl 0-256", "ppl 256-512"]
+        if run["spec"]["method"] != "long window":  # 128-token chunks: 127 + 128 tokens in the first stretch
+            assert counts == [127, 128, 128, 128]
+            first = sum(n * loss for n, loss in zip(counts[:2], losses[:2], strict=True)) / 255
+            assert row["ppl 0-256"] == pytest.approx(math.exp(first), rel=1e-12)
+        whole = (255 * math.log(row["ppl 0-256"]) + 256 * math.log(row["ppl 256-512"])) / 511
+        assert whole == pytest.approx(math.log(row["ppl"]), rel=1e-9)
+    assert (tmp_path / result["plot"]).stat().st_size > 10_000
+    again = run_benchmark("long_read.py", *args)
+    assert "running" not in again.stdout and json.loads(out.read_text())["rows"] == result["rows"]
 
 
 def test_cloze_scoring_with_a_shared_prompt_cache_matches_whole_sequences():

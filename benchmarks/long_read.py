@@ -1,0 +1,111 @@
+"""Longer reading: one novel read far past book_ppl's 16K tokens (default: Emma, its first 65,536 tokens) by Locas
+memories of several widths and a TempLoRA-style LoRA, to see whether width starts to matter as the text grows (the
+paper's 200K-token books, Locas-GLU on Qwen3: r=16 19.14, r=64 19.04, r=128 19.02).
+
+Every method reads the book under `book_ppl.py`'s protocol and runs as its runs do (a process of its own, a
+`memorize()` checkpoint every 8 chunks in ``--work``, so a rerun of the same command resumes): no memory and the
+long window as references, Locas-GLU ``top_k`` at each r of ``--ranks``, LoRA r=64 on all linear layers at the
+learning rate book_ppl.py's sweep chose. Reported: the running prequential perplexity against the position in the
+book (the plot) and the perplexity of each ``--segment``-token stretch, so that a late stretch shows what a memory
+still gains after it has read a lot. Times are single runs, in the JSON only: ratios come from interleaved repeats
+(`steps_pareto.py`, `overhead.py`).
+
+    python benchmarks/long_read.py [--quick] [--book emma] [--tokens 65536] [--ranks 16,64,256] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from book_ppl import add_protocol_arguments, chosen_lora_lr, completed, locas_spec, lora_spec, plot
+from common import add_common_arguments, apply_common, print_table, write_results
+
+
+def segment_perplexities(result: dict[str, Any], segment: int) -> list[float]:
+    """Perplexity of each ``segment``-token stretch of the text (tokens 1..segment, segment+1..2*segment, ...) from a
+    `MemorizeResult` dict's per-chunk ``token_counts`` and mean ``losses`` (nats/token); a chunk counts in the
+    stretch its last token lies in, so chunk sizes that divide ``segment`` split it exactly."""
+    sums: dict[int, list[float]] = {}
+    end = 1  # the first token is never predicted
+    for count, loss in zip(result["token_counts"], result["losses"], strict=True):
+        end += count
+        nll, tokens = sums.setdefault((end - 1) // segment, [0.0, 0])
+        sums[(end - 1) // segment] = [nll + count * loss, tokens + count]
+    return [math.exp(nll / tokens) for _, (nll, tokens) in sorted(sums.items())]
+
+
+def tokens_label(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens and tokens % 1024 == 0 else str(tokens)
+
+
+def method_specs(ranks: list[int], lora_lr: float) -> list[dict[str, Any]]:
+    specs = [{"method": "no memory", "kind": "eval"}, {"method": "long window", "kind": "long"}]
+    return specs + [locas_spec(r, "top_k") for r in ranks] + [lora_spec(lora_lr)]
+
+
+def rows_of(records: list[dict[str, Any]], segment: int) -> list[dict[str, Any]]:
+    """One row per method: overall perplexity, each stretch's, extra parameters, single-run wall and CPU seconds."""
+    rows = []
+    for record in records:
+        result = record["result"]
+        stretches = segment_perplexities(result, segment)
+        row = {"method": record["spec"]["method"], "ppl": result["perplexity"]}
+        row |= {
+            f"ppl {tokens_label(i * segment)}-{tokens_label((i + 1) * segment)}": p for i, p in enumerate(stretches)
+        }
+        row |= {"extra params": record["extra_params"], "wall s": result["wall_time_s"], "CPU s": record["cpu_time_s"]}
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--book", default="emma", help="a prepared novel (`python -m peft_locas.assets --list`)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens read (default 65536, quick 2048)")
+    parser.add_argument("--ranks", default=None, help="Locas widths, comma-separated (default 16,64,256, quick 16,64)")
+    parser.add_argument("--segment", type=int, default=None, help="tokens per reported stretch (default 16384)")
+    parser.add_argument("--lora-lr", type=float, default=None, help="default: the one book_ppl.py's sweep chose")
+    add_protocol_arguments(parser)
+    args = parser.parse_args(argv)
+    apply_common(args)
+    tokens = args.tokens or (2048 if args.quick else 65536)
+    segment = args.segment or (tokens // 4 if args.quick else 16384)
+    ranks = [int(r) for r in (args.ranks or ("16,64" if args.quick else "16,64,256")).split(",")]
+    if segment % args.chunk:
+        parser.error(f"--segment {segment} must be a multiple of --chunk {args.chunk} to split the chunks exactly")
+    args.work = args.work or str(Path.home() / ".cache/peft-locas/benchmarks" / f"long_read{'_quick' * args.quick}")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    lora_lr = chosen_lora_lr(args)
+    records = [completed({**spec, "book": args.book, "tokens": tokens}, args) for spec in method_specs(ranks, lora_lr)]
+    rows = rows_of(records, segment)
+    print(f"\n{args.book}, {tokens} tokens, window {args.context}+{args.chunk}, {args.steps} steps per chunk:")
+    print_table(rows, list(rows[0]))
+    figure = (
+        args.out.parent if args.out else Path(__file__).parent / "results"
+    ) / f"long_read{'_quick' * args.quick}.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    plot({args.book: records}, figure)
+    results = {
+        "book": args.book,
+        "tokens": tokens,
+        "segment": segment,
+        "lora_lr": lora_lr,
+        "rows": rows,
+        "runs": records,
+        "wall_time_s_of_this_invocation": time.perf_counter() - started,
+        "plot": figure.name,
+    }
+    path = write_results("long_read", args, results)
+    print(f"\nresults: {path}; plot: {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
