@@ -3,12 +3,12 @@ memories of several widths and a TempLoRA-style LoRA, to see whether width start
 paper's 200K-token books, Locas-GLU on Qwen3: r=16 19.14, r=64 19.04, r=128 19.02).
 
 Every method reads the book under `book_ppl.py`'s protocol and runs as its runs do (a process of its own, a
-`memorize()` checkpoint every 8 chunks in ``--work``, so a rerun of the same command resumes): no memory and the
-long window as references, Locas-GLU ``top_k`` at each r of ``--ranks``, LoRA r=64 on all linear layers at the
-learning rate book_ppl.py's sweep chose. Reported: the running prequential perplexity against the position in the
-book (the plot) and the perplexity of each ``--segment``-token stretch, so that a late stretch shows what a memory
-still gains after it has read a lot. Times are single runs, in the JSON only: ratios come from interleaved repeats
-(`steps_pareto.py`, `overhead.py`).
+`memorize()` checkpoint every 8 chunks in ``--work``, so a rerun of the same command resumes): no memory, Locas-GLU
+``top_k`` at each r of ``--ranks``, LoRA r=64 on all linear layers at the learning rate book_ppl.py's sweep chose,
+and (unless ``--no-long-window``) the long window as a reference. Reported: the running prequential perplexity
+against the position in the book (the plot) and the perplexity of each ``--segment``-token stretch, so that a late
+stretch shows what a memory still gains after it has read a lot. Times are single runs, in the JSON only: ratios
+come from interleaved repeats (`steps_pareto.py`, `overhead.py`).
 
     python benchmarks/long_read.py [--quick] [--book emma] [--tokens 65536] [--ranks 16,64,256] [--threads 1]
 """
@@ -43,9 +43,11 @@ def tokens_label(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens and tokens % 1024 == 0 else str(tokens)
 
 
-def method_specs(ranks: list[int], lora_lr: float) -> list[dict[str, Any]]:
-    specs = [{"method": "no memory", "kind": "eval"}, {"method": "long window", "kind": "long"}]
-    return specs + [locas_spec(r, "top_k") for r in ranks] + [lora_spec(lora_lr)]
+def method_specs(ranks: list[int], lora_lr: float, long_window: bool) -> list[dict[str, Any]]:
+    """The runs, the memories first: the long window (as much context as the model takes) is a reference, and at 64K
+    tokens the slowest memory-free run."""
+    specs = [{"method": "no memory", "kind": "eval"}, *(locas_spec(r, "top_k") for r in ranks), lora_spec(lora_lr)]
+    return specs + ([{"method": "long window", "kind": "long"}] if long_window else [])
 
 
 def rows_of(records: list[dict[str, Any]], segment: int) -> list[dict[str, Any]]:
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", default=None, help="Locas widths, comma-separated (default 16,64,256, quick 16,64)")
     parser.add_argument("--segment", type=int, default=None, help="tokens per reported stretch (default 16384)")
     parser.add_argument("--lora-lr", type=float, default=None, help="default: the one book_ppl.py's sweep chose")
+    parser.add_argument("--no-long-window", action="store_true", help="skip the long-window reference run")
     add_protocol_arguments(parser)
     args = parser.parse_args(argv)
     apply_common(args)
@@ -83,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     lora_lr = chosen_lora_lr(args)
-    records = [completed({**spec, "book": args.book, "tokens": tokens}, args) for spec in method_specs(ranks, lora_lr)]
+    records = [
+        completed({**spec, "book": args.book, "tokens": tokens}, args)
+        for spec in method_specs(ranks, lora_lr, not args.no_long_window)
+    ]
     rows = rows_of(records, segment)
     print(f"\n{args.book}, {tokens} tokens, window {args.context}+{args.chunk}, {args.steps} steps per chunk:")
     print_table(rows, list(rows[0]))

@@ -234,7 +234,7 @@ def test_long_read_smallest_mode(tmp_path):
     assert "running locas r=16 top_k on emma (512 tokens)" in first.stdout
     result = json.loads(out.read_text())
     rows = {row["method"]: row for row in result["rows"]}
-    assert list(rows) == ["no memory", "long window", "locas r=4 top_k", "locas r=16 top_k", "lora r=64"]
+    assert list(rows) == ["no memory", "locas r=4 top_k", "locas r=16 top_k", "lora r=64", "long window"]
     assert rows["locas r=16 top_k"]["extra params"] == 2 * 3 * 64 * 16
     for run, row in zip(result["runs"], result["rows"], strict=True):
         counts, losses = run["result"]["token_counts"], run["result"]["losses"]
@@ -248,6 +248,8 @@ def test_long_read_smallest_mode(tmp_path):
     assert (tmp_path / result["plot"]).stat().st_size > 10_000
     again = run_benchmark("long_read.py", *args)
     assert "running" not in again.stdout and json.loads(out.read_text())["rows"] == result["rows"]
+    run_benchmark("long_read.py", *args, "--no-long-window")
+    assert json.loads(out.read_text())["rows"] == result["rows"][:-1]
 
 
 def test_cloze_scoring_with_a_shared_prompt_cache_matches_whole_sequences():
