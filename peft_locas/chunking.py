@@ -165,6 +165,16 @@ def tokens_and_boundaries(tokenizer: Any, source: Any, max_tokens: int | None) -
     return ids, [start for start in starts if start < len(ids)]
 
 
+def is_conversation(source: Any) -> bool:
+    """Whether what `memorize()` reads is a conversation, or documents that are all conversations (a text, token ids
+    or documents with a text among them are not): it picks the instruction the memory is asked with."""
+    from .recall.dialogue import Conversation
+
+    if _is_documents(source):
+        return all(isinstance(item, Conversation) for item in source)
+    return isinstance(source, Conversation)
+
+
 def _is_documents(source: Any) -> bool:
     from .recall.dialogue import Conversation
 

@@ -46,7 +46,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
 from .checkpointing import adapter_settings, fingerprint, load_checkpoint, save_checkpoint
-from .chunking import Window, chunk_windows, tokens_and_boundaries
+from .chunking import Window, chunk_windows, is_conversation, tokens_and_boundaries
 from .config import LocasConfig
 from .data_init import METHODS, init_locas_weights
 from .distributed import Ranks
@@ -103,8 +103,9 @@ class MemorizeConfig:
         ntp_weight: with ``"distill"``, the weight of the next-token loss added to the KL (0: pure distillation).
         self_study_questions: self-study (`peft_locas.recall.self_study`, after Cartridges): questions per chunk the
             base model writes about the chunk's window, answers reading it (the teacher, top ``distill_top_k``), and
-            the memory is trained to answer with no context, as `peft_locas.recall.Asker` asks (KL on the answer
-            tokens), after the chunk's regular steps; 0: off. Needs the tokenizer and a single process.
+            the memory is trained to answer with no context, as `peft_locas.recall.Asker` asks with
+            `peft_locas.recall.memory_instruction` (a conversation's or a text's; KL on the answer tokens), after the
+            chunk's regular steps; 0: off. Needs the tokenizer and a single process.
         self_study_steps: optimiser steps per chunk on its self-study questions (``None``: ``steps_per_chunk``;
             0: the questions and answers are only generated and recorded).
         lr, adam_eps, warmup_steps: AdamW learning rate, epsilon and linear warm-up (in steps, counted over the whole
@@ -297,7 +298,13 @@ def memorize(
         from .recall.self_study import SelfStudy
 
         study = SelfStudy(
-            peft_model, tokenizer, config.self_study_questions, config.study_steps, config.seed, config.distill_top_k
+            peft_model,
+            tokenizer,
+            config.self_study_questions,
+            config.study_steps,
+            config.seed,
+            config.distill_top_k,
+            conversation=is_conversation(text_or_token_ids),
         )
     if adapter_type == "locas" and config.init is not None:
         first = windows[0]

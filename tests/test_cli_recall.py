@@ -250,6 +250,32 @@ def test_context_tokens_take_the_end_of_what_was_memorised(run, tmp_path, capsys
     assert (answers[0]["answer"], answers[0]["prompt_tokens"]) == (expected.text, expected.prompt_tokens)
 
 
+def test_a_memorised_text_is_asked_about_the_text_it_remembers(run, tmp_path, capsys):
+    """Without a context, ``ask`` words its instruction for what the adapter memorised (its record's text paths): a
+    conversation file keeps LoCoMo's "conversation you remember", a plain text gets "the text you remember", and
+    ``--memory`` with any plain-text memory among them does too."""
+    from peft_locas.recall.asking import MEMORY_INSTRUCTION, TEXT_MEMORY_INSTRUCTION
+
+    book = tmp_path / "book"
+    shutil.copytree(run["adapter"], book)
+    record = json.loads((book / cli.RESULTS_FILE).read_text())
+    story = tmp_path / "story.txt"
+    story.write_text(read_source(str(run["conversation"])).text, encoding="utf-8")
+    texts = [{**text, "text_path": str(story)} for text in record["texts"]]
+    (book / cli.RESULTS_FILE).write_text(json.dumps({**record, "text_path": str(story), "texts": texts}))
+    model, tokenizer = memorised(run)
+    question = ["--question", "What ran?", "--max-new-tokens", "6"]
+    for adapter, instruction in ((run["adapter"], MEMORY_INSTRUCTION), (book, TEXT_MEMORY_INSTRUCTION)):
+        answers, _ = ask_here(capsys, "--model", str(run["model"]), "--adapter", str(adapter), *question)
+        expected = Asker(model, tokenizer, instruction=instruction, max_new_tokens=6).ask("What ran?")
+        assert (answers[0]["answer"], answers[0]["prompt_tokens"]) == (expected.text, expected.prompt_tokens)
+    conversation_only = len(tokenizer(MEMORY_INSTRUCTION)["input_ids"])
+    assert conversation_only != len(tokenizer(TEXT_MEMORY_INSTRUCTION)["input_ids"])  # the prompts tell them apart
+    both = ["--memory", str(run["adapter"]), "--memory", str(book)]
+    answers, _ = ask_here(capsys, "--model", str(run["model"]), *both, *question)
+    assert {answer["prompt_tokens"] for answer in answers} == {expected.prompt_tokens}
+
+
 def test_chat_streams_each_reply_and_leaves_at_end_of_input(run):
     args = ["--model", str(run["model"]), "--adapter", str(run["adapter"]), "--max-new-tokens", "5"]
     done = peft_locas("chat", *args, stdin="Who sat on the mat?\n\nAnd the dog?\n")

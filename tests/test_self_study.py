@@ -99,6 +99,27 @@ def test_the_student_prompt_and_the_teacher_are_the_askers(tokenizer):
     assert model.training  # the student's steps run in training mode
 
 
+def test_a_text_is_studied_with_the_instruction_it_is_asked_with(tokenizer, monkeypatch):
+    """memorize() builds its self-study student for what it reads: a conversation is asked (and studied) with
+    LoCoMo's "conversation you remember", a plain text, or documents with a text among them, with "the text you
+    remember"."""
+    from peft_locas.recall import Conversation, Session, Turn
+    from peft_locas.recall.asking import MEMORY_INSTRUCTION, TEXT_MEMORY_INSTRUCTION
+
+    students = []
+    monkeypatch.setattr(SelfStudy, "examples", lambda study, ids, chunk_index: [])
+    built = SelfStudy.__init__
+    monkeypatch.setattr(SelfStudy, "__init__", lambda study, *a, **k: built(study, *a, **k) or students.append(study))
+    turns = tuple(Turn("Ann" if k % 2 else "Bob", text(12)) for k in range(12))
+    conversation = Conversation(None, (Session(1, "1 May 2023", turns),))
+    config = study_config(self_study_questions=1)
+    for source in (text(), conversation, [conversation, text()], [conversation, conversation]):
+        memorize(llama(tokenizer), tokenizer, source, config, peft_config=LocasConfig(r=8))
+    instructions = [study.student.instruction for study in students]
+    assert instructions == [TEXT_MEMORY_INSTRUCTION, MEMORY_INSTRUCTION, TEXT_MEMORY_INSTRUCTION, MEMORY_INSTRUCTION]
+    assert "Based on the text you remember, write an answer" in students[0].student.prompt("Who?")
+
+
 def test_the_kl_is_zero_when_the_teacher_is_the_student_and_falls_when_trained(chat_tokenizer):
     """A memory of value 0 is the base model: a teacher asked exactly as the student (no context) agrees with it, so
     the loss is 0. A teacher that differs (another model reading the chunk) is approached step by step."""

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .context import add_asking_options, check_context, context_text, load_asker
+from .context import add_asking_options, check_context, context_text, load_asker, memory_instruction_of
 from .inputs import adapter_config, memories_in, shared_base
 from .options import UsageError, positive_int
 
@@ -129,6 +129,7 @@ def load_memories(args: argparse.Namespace):
         model,
         tokenizer,
         context,
+        instruction=memory_instruction_of(args.memory) if context is None else None,
         system_prompt=args.system,
         use_chat_template=False if args.no_chat_template else None,
         max_new_tokens=args.max_new_tokens,

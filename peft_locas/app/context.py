@@ -58,10 +58,29 @@ def check_context(args: argparse.Namespace) -> None:
         read_source(args.context, args.sample, flag="--context")
 
 
+def _recorded_texts(adapter: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The adapter's memorize record (None without one) and the texts it names, in order."""
+    record = memorize_record(adapter)
+    return record, (record or {}).get("texts") or ([record] if record and record.get("text_path") else [])
+
+
+def memory_instruction_of(adapters: list[Path]) -> str | None:
+    """How a question is asked of these memories without a context: `TEXT_MEMORY_INSTRUCTION` ("Based on the text
+    you remember ...") when their memorize records name a text that is not a conversation, else ``None`` (the
+    `Asker`'s own, a conversation's). An adapter without a record (saved from Python) counts as a conversation's."""
+    from ..recall.dialogue import is_conversation_file  # no torch: cheap
+
+    paths = [text["text_path"] for adapter in adapters for text in _recorded_texts(adapter)[1] if text.get("text_path")]
+    if all(is_conversation_file(path) for path in paths):
+        return None
+    from ..recall.asking import TEXT_MEMORY_INSTRUCTION
+
+    return TEXT_MEMORY_INSTRUCTION
+
+
 def _memorised_source(adapter: Path) -> tuple[list[Any], int | None]:
     """The sources the adapter's memorize run read (its record's ``texts``, in order), and its ``max_tokens``."""
-    record = memorize_record(adapter)
-    texts = (record or {}).get("texts") or ([record] if record and record.get("text_path") else [])
+    record, texts = _recorded_texts(adapter)
     if not texts:
         raise UsageError(
             f"--context-tokens: {adapter / RESULTS_FILE} is missing or names no text (adapters from `peft-locas "
@@ -152,10 +171,12 @@ def load_asker(args: argparse.Namespace):
     model, tokenizer, _ = load(folder, args)
     if args.adapter is not None:
         model = load_adapter(model, args.adapter)
+    context = context_text(args, tokenizer, max_positions(model))
     return Asker(
         model,
         tokenizer,
-        context_text(args, tokenizer, max_positions(model)),
+        context,
+        instruction=memory_instruction_of([args.adapter]) if context is None and args.adapter is not None else None,
         system_prompt=args.system,
         use_chat_template=False if args.no_chat_template else None,
         max_new_tokens=args.max_new_tokens,

@@ -11,7 +11,18 @@ from typing import Any
 
 # lazy, as the top-level package: the CLI reads conversations and questions (dialogue.py) without importing torch
 _EXPORTS = {
-    **dict.fromkeys(("Answer", "Asker", "Chat", "fit_context"), ".asking"),
+    **dict.fromkeys(
+        (
+            "Answer",
+            "Asker",
+            "Chat",
+            "MEMORY_INSTRUCTION",
+            "TEXT_MEMORY_INSTRUCTION",
+            "fit_context",
+            "memory_instruction",
+        ),
+        ".asking",
+    ),
     **dict.fromkeys(
         (
             "Conversation",

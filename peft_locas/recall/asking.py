@@ -17,8 +17,10 @@ The context's trailing whitespace is dropped (e.g. a text file's final newline).
 
 The instruction follows LoCoMo's question-answering prompt (snap-research/LoCoMo, ``task_eval/gpt_utils.py``,
 ``QA_PROMPT``): `CONTEXT_INSTRUCTION` when a context is given; `MEMORY_INSTRUCTION`, the same request addressed to a
-model that has memorised the conversation instead of reading it, when none is. LoCoMo's per-category question edits
-(dates for temporal questions, the two-option form of adversarial ones) are the caller's, as they change the question.
+model that has memorised the conversation instead of reading it, when none is; `TEXT_MEMORY_INSTRUCTION` (pass it as
+``instruction``, or take `memory_instruction`) for a memorised text that is not a conversation. LoCoMo's per-category
+question edits (dates for temporal questions, the two-option form of adversarial ones) are the caller's, as they
+change the question.
 
 The prefix and the question's part are tokenised separately and concatenated (the prefix with the tokenizer's special
 tokens in the plain form, as ``tokenizer(text)`` adds them; the chat template's own in the chat form), so a question
@@ -71,6 +73,11 @@ CONTEXT_INSTRUCTION = (
 MEMORY_INSTRUCTION = (
     "Based on the conversation you remember, write an answer in the form of a short phrase for the following "
     "question. Answer with exact words from the conversation whenever possible."
+)
+#: the same instruction for a model that has memorised a text that is not a conversation (a book, a manual, notes)
+TEXT_MEMORY_INSTRUCTION = (
+    "Based on the text you remember, write an answer in the form of a short phrase for the following question. "
+    "Answer with exact words from the text whenever possible."
 )
 #: how many model states (e.g. adapter on, adapter disabled) keep a prefilled prefix cache at once
 _KEPT_PREFIX_CACHES = 2
@@ -258,6 +265,13 @@ class PrefixCache:
         return Continuation(new_ids, torch.stack(logits))
 
 
+def memory_instruction(conversation: bool) -> str:
+    """The instruction a memory is asked with when no context is given, and self-study trains it with:
+    `MEMORY_INSTRUCTION` for a memorised conversation (or documents that are all conversations), else
+    `TEXT_MEMORY_INSTRUCTION`."""
+    return MEMORY_INSTRUCTION if conversation else TEXT_MEMORY_INSTRUCTION
+
+
 class Asker:
     """Asks ``model`` questions about ``context`` (or about what it memorised, with ``context=None``).
 
@@ -266,7 +280,8 @@ class Asker:
         tokenizer: its tokenizer.
         context: text put before every question (e.g. a rendered conversation); ``None`` asks from memory.
         instruction: the request before each question; ``None`` takes `CONTEXT_INSTRUCTION` with a context and
-            `MEMORY_INSTRUCTION` without one.
+            `MEMORY_INSTRUCTION` without one (for a memorised text that is not a conversation, pass
+            `TEXT_MEMORY_INSTRUCTION`).
         system_prompt: an optional system message (the first paragraph of a plain prompt).
         use_chat_template: ``None`` uses the tokenizer's chat template when it has one.
         max_new_tokens: default answer length limit, in tokens.

@@ -20,10 +20,11 @@ log-probabilities over the answer tokens. `memorize()` does this per chunk (``Me
    end-of-sequence token kept when it stops on one, so the student also learns where an answer ends); its
    next-token distributions at the answer tokens are kept as `TeacherTargets` (top-k, ``distill_top_k``).
 3. **student** (`SelfStudy.train`): the model *with* the memory and no context, prompted exactly as
-   ``Asker(model, tokenizer)`` asks from memory at question time (same chat template, `MEMORY_INSTRUCTION`,
-   ``Question: ...``), teacher-forced on the teacher's answer tokens; the loss is ``KL(teacher || student)`` summed
-   over all answer tokens of the chunk's questions, divided by their number; each step is the engine's own optimiser
-   step (same AdamW, learning-rate schedule and memory-norm clipping).
+   ``Asker(model, tokenizer, instruction=memory_instruction(...))`` asks from memory at question time (same chat
+   template, the instruction for a conversation or a text, ``Question: ...``), teacher-forced on the teacher's answer
+   tokens; the loss is ``KL(teacher || student)`` summed over all answer tokens of the chunk's questions, divided by
+   their number; each step is the engine's own optimiser step (same AdamW, learning-rate schedule and memory-norm
+   clipping).
 
 Each prompt prefix (the window and what precedes the seed prompt or the question) is run once per chunk; every
 question or answer continues from a copy of its KV cache, so a chunk is never re-read per question.
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from ..objectives import TeacherTargets, kl_divergence
-from .asking import Asker, PrefixCache, accepts_argument, end_of_sequence_ids
+from .asking import Asker, PrefixCache, accepts_argument, end_of_sequence_ids, memory_instruction
 
 #: seed prompts, one per question, rotated (Cartridges' seed types, narrowed to the facts a dialogue states; the last
 #: is Cartridges' "question" seed prompt)
@@ -200,7 +201,8 @@ def student_kl(model: torch.nn.Module, prompt_ids: torch.Tensor, example: StudyE
 class SelfStudy:
     """Self-study for one `memorize()` run: per chunk, `examples` (questions and teacher answers from the base model)
     and `train` (the student's steps). Built from the ``PeftModel`` being trained and its tokenizer; the student's
-    prompts are those of ``Asker(model, tokenizer)``, so the memory is trained on the very prompts it is asked with.
+    prompts are those of ``Asker(model, tokenizer, instruction=memory_instruction(conversation))``, so the memory is
+    trained on the very prompts it is asked with.
 
     Args:
         model: the ``PeftModel`` whose active adapter is trained; the base model is itself with the adapter disabled.
@@ -209,10 +211,18 @@ class SelfStudy:
         steps: optimiser steps per chunk on its questions (0: the questions and answers are only recorded).
         seed: the run's seed (the questions' generators derive from it, `question_seed`).
         top_k: the teacher's kept tokens per position (``MemorizeConfig.distill_top_k``; ``None``: all).
+        conversation: whether a conversation is memorised (`memory_instruction`: how the student is asked).
     """
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer: Any, questions: int, steps: int, seed: int, top_k: int | None
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        questions: int,
+        steps: int,
+        seed: int,
+        top_k: int | None,
+        conversation: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -220,8 +230,8 @@ class SelfStudy:
         self.steps = steps
         self.seed = seed
         self.top_k = top_k
-        #: asks as the memorised model is asked at question time: no context, `MEMORY_INSTRUCTION`
-        self.student = Asker(model, tokenizer)
+        #: asks as the memorised model is asked at question time: no context, the instruction for what it memorised
+        self.student = Asker(model, tokenizer, instruction=memory_instruction(conversation))
 
     def examples(self, token_ids: Sequence[int] | torch.Tensor, chunk_index: int) -> list[StudyExample]:
         """The chunk's questions and the teacher's answers, from the base model (adapter disabled) reading the
