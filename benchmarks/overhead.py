@@ -35,7 +35,7 @@ from common import (
 from peft import LoraConfig, get_peft_model
 
 from peft_locas import LocasConfig, LocasLayer
-from peft_locas.data_init import init_locas_weights
+from peft_locas.init.data import init_locas_weights
 
 LOCAS_WIDTHS = (16, 64, 256)
 DECODE_TOKENS = 16  # one-token forwards per timed decoding round

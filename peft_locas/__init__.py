@@ -24,11 +24,11 @@ _EXPORTS = {
     "LocasConfig": ".config",
     "LocasLayer": ".layer",
     "LocasModel": ".model",
-    "LocasInitState": ".data_init",
-    "get_locas_init_state": ".data_init",
-    "init_locas_weights": ".data_init",
-    "compress_locas_memory": ".nlsvd",
-    "grow_locas_memory": ".resize",
+    "LocasInitState": ".init.data",
+    "get_locas_init_state": ".init.data",
+    "init_locas_weights": ".init.data",
+    "compress_locas_memory": ".init.nlsvd",
+    "grow_locas_memory": ".init.writing",
     # test-time memorisation (score, then train) of long texts
     "MemorizeConfig": ".memorization",
     "evaluate": ".memorization",
@@ -80,15 +80,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .config import LocasConfig
-    from .data_init import LocasInitState, get_locas_init_state, init_locas_weights
+    from .init.data import LocasInitState, get_locas_init_state, init_locas_weights
+    from .init.nlsvd import compress_locas_memory
+    from .init.writing import grow_locas_memory
     from .layer import LocasLayer
     from .memorization import MemorizeConfig, evaluate, memorize, templora_config
     from .model import LocasModel
-    from .nlsvd import compress_locas_memory
     from .recall.asking import Asker
     from .recall.dialogue import Conversation, load_conversation, render_conversation
     from .registration import LOCAS_PEFT_TYPE, register_locas  # noqa: F401 (public, not in __all__)
-    from .resize import grow_locas_memory
     from .results import MemorizeResult
 
 _hook.install()

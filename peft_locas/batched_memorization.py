@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from .checkpointing import load_checkpoint, save_checkpoint
 from .chunking import Window, chunk_windows, tokens_and_boundaries
 from .config import LocasConfig
-from .data_init import init_locas_weights
 from .distributed import Ranks
+from .init.data import init_locas_weights
 from .memorization import MemorizeConfig, _Reader, _Update, fuses_scoring, run_fingerprint_of
 from .objectives import OBJECTIVES, TeacherTargets, model_positions, next_token_loss
 from .registration import LOCAS_PREFIX

@@ -5,8 +5,8 @@ block, before and after merging. This is PEFT's ``add_weighted_adapter(..., comb
 Other combination types of PEFT's LoRA API have no exact meaning for a memory: ``linear``/``ties``/``dare_*`` average
 the *weights* of units that have nothing to do with each other (unit i of book A is not unit i of book B), and ``svd``
 compresses the LoRA product. A composed two-layer-MLP (Locas-MLP) memory can then be compressed to a smaller width
-with NL-SVD, `peft_locas.nlsvd.compress_locas_memory` (the method's section 3): an approximation, and so a separate,
-explicit step.
+with NL-SVD, `peft_locas.init.nlsvd.compress_locas_memory` (the method's section 3): an approximation, and so a
+separate, explicit step.
 """
 
 from __future__ import annotations

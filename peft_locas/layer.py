@@ -12,7 +12,7 @@ from torch import nn
 
 from .blocks import BlockKind, Units
 from .config import LocasConfig
-from .initialization import auto_tau, data_free_memory
+from .init.units import auto_tau, data_free_memory
 from .memory import LocasMemory, stacked_output
 from .offload import execution_device
 from .projections import projection_size

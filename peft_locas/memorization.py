@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 from .checkpointing import adapter_settings, fingerprint, load_checkpoint, save_checkpoint
 from .chunking import Window, chunk_windows, is_conversation, tokens_and_boundaries
 from .config import LocasConfig
-from .data_init import METHODS, init_locas_weights
 from .distributed import Ranks
+from .init.data import METHODS, init_locas_weights
 from .objectives import OBJECTIVES, TeacherTargets, model_positions, next_token_loss
 from .results import MemorizeResult
 

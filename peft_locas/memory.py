@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Units
-from .initialization import clip_rows_
+from .init.units import clip_rows_
 from .zero import clip_zero_rows_, is_zero_managed
 
 

@@ -16,7 +16,7 @@ from . import _hook
 from .blocks import BlockKind, find_block_kind, supported_layouts
 from .config import LocasConfig
 from .export import check_pad_to_multiple_of, dequantize_base_model, make_block_widths_uniform
-from .initialization import check_cloning_width
+from .init.units import check_cloning_width
 from .layer import LocasLayer
 from .offload import execution_device
 from .projections import protect_layout_

@@ -1,6 +1,6 @@
 """Memory rows that DeepSpeed ZeRO manages: the optimiser updates its own fp32 master copy (ZeRO 1 and 2) or a
 partition of it (ZeRO 3) and writes it back into the model at the next step, so clipping only the model's weights
-(`peft_locas.initialization.clip_rows_`) changes nothing the optimiser sees: measured under ZeRO-2 and ZeRO-3 on two
+(`peft_locas.init.units.clip_rows_`) changes nothing the optimiser sees: measured under ZeRO-2 and ZeRO-3 on two
 CPU ranks, the master rows grow past the bound (0.079, 0.132, 0.171 after three steps for a bound of 0.05). Here the
 rows are clipped where the optimiser keeps them, through DeepSpeed's public ``safe_get/set_full_fp32_param``, and in
 the model's copy, so the next forward and the next step both see clipped rows, as without ZeRO.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .initialization import clip_rows_
+from .init.units import clip_rows_
 
 
 def is_zero_managed(parameter: torch.Tensor) -> bool:

@@ -10,7 +10,7 @@ from tiny_models import HIDDEN, tiny_model, tokens
 
 from peft_locas import LocasConfig, LocasLayer, compress_locas_memory, init_locas_weights
 from peft_locas.blocks import Units
-from peft_locas.nlsvd import nlsvd
+from peft_locas.init.nlsvd import nlsvd
 
 
 def _layers(model) -> list[LocasLayer]:

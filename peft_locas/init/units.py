@@ -1,15 +1,15 @@
 """Data-free memory initialisation, used when a Locas adapter is created.
 
-The data-driven initialisation (activation statistics over a context) lives in its own module; this one needs only
-the block's weights. Rows are L2-normalised so that every initialisation starts inside the clipping ball and differs
-only in *direction*, which keeps the ablations comparable.
+The data-driven initialisation (activation statistics over a context, `peft_locas.init.data`) builds on these; this
+module needs only the block's weights. Rows are L2-normalised so that every initialisation starts inside the clipping
+ball and differs only in *direction*, which keeps the ablations comparable.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .blocks import Units
+from ..blocks import Units
 
 
 def normalize_rows(weight: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from peft import PeftModel
 
-from .blocks import Units
-from .resize import locas_config, locas_layers, write_locas_memories
+from ..blocks import Units
+from .writing import locas_config, locas_layers, write_locas_memories
 
 
 def principal_keys(scatter: torch.Tensor, key_sum: torch.Tensor, count: int) -> torch.Tensor:
