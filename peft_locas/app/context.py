@@ -2,9 +2,9 @@
 ``--context``, or the last N tokens of the text the adapter memorised, ``--context-tokens``, read again from the path
 and sample its results recorded), and the `Asker` over the loaded model.
 
-Both contexts are fitted with `peft_locas.recall.asking.fit_context`: a context longer than its budget (``N``, and the
-model's positions less the answer's and `QUESTION_ROOM`) keeps its end, from a line start, and stderr says so in one
-line."""
+Both contexts are fitted with `peft_locas.recall.prompts.fit_context`: a context longer than its budget (``N``, and
+the model's positions less the answer's and `QUESTION_ROOM`) keeps its end, from a line start, and stderr says so in
+one line."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def memory_instruction_of(adapters: list[Path]) -> str | None:
     paths = [text["text_path"] for adapter in adapters for text in _recorded_texts(adapter)[1] if text.get("text_path")]
     if all(is_conversation_file(path) for path in paths):
         return None
-    from ..recall.asking import TEXT_MEMORY_INSTRUCTION
+    from ..recall.prompts import TEXT_MEMORY_INSTRUCTION
 
     return TEXT_MEMORY_INSTRUCTION
 
@@ -129,7 +129,7 @@ def context_text(args: argparse.Namespace, tokenizer: Any, positions: int | None
     if not budgets:
         return text
     why, budget = min(budgets.items(), key=lambda item: item[1])  # a tie names --context-tokens, given first
-    from ..recall.asking import fit_context
+    from ..recall.prompts import fit_context
 
     kept = fit_context(tokenizer, text, budget)
     if kept != text:

@@ -2,6 +2,8 @@
 
 - `peft_locas.recall.dialogue`: conversations (LoCoMo JSON, a turns JSONL form) and their one rendered text.
 - `peft_locas.recall.asking`: `Asker`, questions to a (memorised) model over a shared, prefilled context.
+- `peft_locas.recall.prompts`: the instructions questions are asked with, and `fit_context`.
+- `peft_locas.recall.prefix_cache`: `PrefixCache`, a prefix prefilled once and continued from copies of its cache.
 - `peft_locas.recall.metrics`: LoCoMo's official token F1 and standard errors.
 - `peft_locas.recall.serving`: `ask_memories`, many memories answering in one batch (per-row ``adapter_names``).
 """
@@ -11,18 +13,12 @@ from typing import Any
 
 # lazy, as the top-level package: the CLI reads conversations and questions (dialogue.py) without importing torch
 _EXPORTS = {
+    **dict.fromkeys(("Answer", "Asker", "Chat"), ".asking"),
     **dict.fromkeys(
-        (
-            "Answer",
-            "Asker",
-            "Chat",
-            "MEMORY_INSTRUCTION",
-            "TEXT_MEMORY_INSTRUCTION",
-            "fit_context",
-            "memory_instruction",
-        ),
-        ".asking",
+        ("CONTEXT_INSTRUCTION", "MEMORY_INSTRUCTION", "TEXT_MEMORY_INSTRUCTION", "fit_context", "memory_instruction"),
+        ".prompts",
     ),
+    "PrefixCache": ".prefix_cache",
     **dict.fromkeys(
         (
             "Conversation",

@@ -41,7 +41,9 @@ from typing import Any
 import torch
 
 from ..objectives import TeacherTargets, kl_divergence
-from .asking import Asker, PrefixCache, accepts_argument, end_of_sequence_ids, memory_instruction
+from .asking import Asker
+from .prefix_cache import PrefixCache, accepts_argument, end_of_sequence_ids
+from .prompts import memory_instruction
 
 #: seed prompts, one per question, rotated (Cartridges' seed types, narrowed to the facts a dialogue states; the last
 #: is Cartridges' "question" seed prompt)
