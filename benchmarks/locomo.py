@@ -37,7 +37,6 @@ import hashlib
 import itertools
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -46,26 +45,27 @@ from pathlib import Path
 from typing import Any
 
 from common import RESULTS, add_common_arguments, apply_common, load_model, print_table, write_results
+from locomo_dialogues import (
+    ADVERSARIAL_GOLD,
+    Dialogue,
+    View,
+    adversarial_prediction,
+    answerable,
+    first_sessions,
+    question_prompt,
+    stratified,
+    view,
+)
+from locomo_scores import aggregate, category_rows, paired_rows, plot, table_rows
 from recall_probe import write_probe
 
-from peft_locas.chunking import text_and_boundaries
-from peft_locas.recall.dialogue import (
-    Conversation,
-    Question,
-    TurnSpan,
-    load_conversation,
-    render_conversation,
-    turn_spans,
-)
-from peft_locas.recall.metrics import CATEGORIES, locomo_f1, mean_with_stderr
+from peft_locas.recall.dialogue import load_conversation, render_conversation
+from peft_locas.recall.metrics import CATEGORIES, locomo_f1
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo" / "locomo10.json"
 #: memory name -> memorize()'s training objective
 MEMORIES = {"locas_ntp": "ntp", "locas_distill": "distill", "lora": "ntp"}
 WINDOWS = ("none", "short", "long")
-#: the log-likelihood's gold for adversarial questions: LoCoMo's own option text for "the conversation does not say"
-ADVERSARIAL_GOLD = "Not mentioned in the conversation."
-TEMPORAL_HINT = " Use DATE of CONVERSATION to answer with an approximate date."
 #: positions left for the prompt around the dialogue (instruction, chat template, question) and the answer
 PROMPT_RESERVE = 256
 
@@ -78,101 +78,6 @@ QUICK_HELP = (
 
 
 # ---------------------------------------------------------------------------------------------------- conversations
-@dataclasses.dataclass
-class Dialogue:
-    """One conversation as the benchmark uses it: the (possibly truncated) conversation, its rendered text, token ids
-    and unit starts (`text_and_boundaries`), and the questions asked, as ``(index in its qa list, question)``."""
-
-    sample_id: str
-    dataset: str
-    source: str
-    conversation: Conversation
-    sessions_total: int
-    questions: list[tuple[int, Question]]
-    text: str
-    ids: list[int]
-    starts: list[int]
-    spans: list[TurnSpan]
-    dia_units: dict[str, int]
-    header_of: list[int | None]
-
-    @classmethod
-    def build(
-        cls, sample_id: str, dataset: str, source: str, conversation: Conversation, sessions_total: int, tokenizer
-    ) -> Dialogue:
-        spans = turn_spans(conversation)
-        ids, starts = text_and_boundaries(tokenizer, conversation)
-        header, header_of, dia_units = None, [], {}
-        for unit, span in enumerate(spans):
-            if span.dia_id is None:
-                header = unit
-                header_of.append(None)
-            else:
-                header_of.append(header)
-                dia_units[span.dia_id] = unit
-        return cls(
-            sample_id,
-            dataset,
-            source,
-            conversation,
-            sessions_total,
-            [],
-            render_conversation(conversation),
-            ids,
-            starts,
-            spans,
-            dia_units,
-            header_of,
-        )
-
-    @property
-    def text_sha(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
-
-    def unit_end(self, unit: int) -> int:
-        """The token index where ``unit`` ends (the next unit's start, or the end of the text)."""
-        return self.starts[unit + 1] if unit + 1 < len(self.starts) else len(self.ids)
-
-    def evidence_units(self, question: Question) -> list[int] | None:
-        """The units of the question's evidence turns; ``None`` when it has none or names a turn not in the text."""
-        if not question.evidence or any(dia_id not in self.dia_units for dia_id in question.evidence):
-            return None
-        return [self.dia_units[dia_id] for dia_id in question.evidence]
-
-
-def first_sessions(conversation: Conversation, max_tokens: int, count) -> Conversation:
-    """The conversation cut to its first sessions whose rendered text holds at most ``max_tokens`` tokens (at least
-    one session), for quick mode."""
-    kept = 1
-    while kept < len(conversation.sessions):
-        candidate = dataclasses.replace(conversation, sessions=conversation.sessions[: kept + 1])
-        if count(render_conversation(candidate)) > max_tokens:
-            break
-        kept += 1
-    return dataclasses.replace(conversation, sessions=conversation.sessions[:kept])
-
-
-def stratified(questions: list[tuple[int, Question]], count: int, seed: int) -> list[tuple[int, Question]]:
-    """``count`` questions drawn with ``seed`` as evenly over categories as they allow (a category with fewer
-    questions gives all of them and leaves its share to the others), returned in their original order."""
-    by_category: dict[Any, list[tuple[int, Question]]] = {}
-    for item in questions:
-        by_category.setdefault(item[1].category, []).append(item)
-    rng = random.Random(seed)
-    pools = {category: rng.sample(items, len(items)) for category, items in sorted(by_category.items(), key=str)}
-    chosen: list[tuple[int, Question]] = []
-    while len(chosen) < min(count, len(questions)):
-        for pool in pools.values():
-            if pool and len(chosen) < count:
-                chosen.append(pool.pop())
-    return sorted(chosen, key=lambda item: item[0])
-
-
-def answerable(question: Question) -> bool:
-    """Scorable: an adversarial question, or one with a gold answer (LoCoMo has a few without)."""
-    return question.category == 5 or bool(question.answer and str(question.answer).strip())
-
-
 def sample_ids(path: Path) -> list[tuple[str, bool]]:
     """``(sample id, written by recall_probe.py)`` of every sample in a LoCoMo-layout JSON file."""
     if not path.is_file():
@@ -238,73 +143,6 @@ def probe_file(args: argparse.Namespace, count) -> Path:
         write_probe(path.with_suffix(".tmp"), facts=facts, tokens=tokens, seed=args.seed, count_tokens=count)
         os.replace(path.with_suffix(".tmp"), path)
     return path
-
-
-# ---------------------------------------------------------------------------------------------------- windows
-@dataclasses.dataclass(frozen=True)
-class View:
-    """What a setting shows of the dialogue: nothing (``unit`` None), or the text from ``unit`` on, after the header
-    of the session that unit is in; ``start_token`` is that unit's first token in the whole text."""
-
-    window: str
-    unit: int | None
-    context: str | None
-    start_token: int | None
-    tokens: int
-
-    def outside(self, dialogue: Dialogue, question: Question) -> bool | None:
-        """Whether every evidence turn lies before the window (with no window: always); ``None`` when the question
-        has no usable evidence (left out of the outside-window split)."""
-        units = dialogue.evidence_units(question)
-        if units is None:
-            return None
-        return self.unit is None or all(dialogue.unit_end(unit) <= self.start_token for unit in units)
-
-
-def view(dialogue: Dialogue, window: str, budget: int | None, count) -> View:
-    """The longest tail of the dialogue that starts at a unit and fits ``budget`` tokens together with the header of
-    the session it starts in (the last unit alone when not even that fits); no dialogue for ``"none"``."""
-    if window == "none":
-        return View(window, None, None, None, 0)
-    total, last = len(dialogue.ids), len(dialogue.starts) - 1
-    for unit, start in enumerate(dialogue.starts):
-        if total - start > budget and unit < last:
-            continue
-        header = dialogue.header_of[unit]
-        prefix = "" if header is None else dialogue.text[dialogue.spans[header].start : dialogue.spans[header].end]
-        prefix += "\n" if prefix else ""
-        tokens = total - start + (count(prefix) if prefix else 0)
-        if tokens <= budget or unit == last:
-            return View(window, unit, prefix + dialogue.text[dialogue.spans[unit].start :], start, tokens)
-    raise AssertionError("unreachable: the last unit is always returned")
-
-
-# ---------------------------------------------------------------------------------------------------- questions
-def question_prompt(question: Question, index: int, seed: int) -> tuple[str, dict[str, str] | None]:
-    """The question as LoCoMo's QA code asks it (``task_eval/gpt_utils.py``), and the adversarial options.
-
-    Temporal (2): the date hint appended. Adversarial (5): "Select the correct answer: (a) .. (b) .." with "Not
-    mentioned in the conversation" and the tempting wrong answer in an order seeded by ``(seed, index)``."""
-    text = question.question.strip()
-    if question.category == 2:
-        return text + TEMPORAL_HINT, None
-    wrong = question.extra.get("adversarial_answer", question.answer)
-    if question.category != 5 or wrong is None:
-        return text, None
-    options = [ADVERSARIAL_GOLD.rstrip("."), str(wrong)]
-    if random.Random(f"{seed}:{index}").random() < 0.5:
-        options.reverse()
-    return f"{text} Select the correct answer: (a) {options[0]} (b) {options[1]}.", {"a": options[0], "b": options[1]}
-
-
-def adversarial_prediction(answer: str, options: dict[str, str]) -> str:
-    """LoCoMo's ``get_cat_5_answer``: a bare "a"/"b" or "(a)"/"(b)" becomes that option's text; else the answer."""
-    text = answer.strip().lower()
-    if len(text) == 1:
-        return options["a"] if "a" in text else options["b"]
-    if len(text) == 3:
-        return options["a"] if "(a)" in text else options["b"]
-    return answer
 
 
 def answer_questions(asker, dialogue: Dialogue, shown: View, todo, args, out, batch_size: int = 8) -> int:
@@ -620,148 +458,6 @@ def run_conversation(dialogue: Dialogue, args: argparse.Namespace, tokenizer, co
     order = setting_names(args.memory_list)
     info["settings"] = {name: info["settings"][name] for name in order}
     return {"info": info, "records": {name: records[name] for name in order}}
-
-
-# ---------------------------------------------------------------------------------------------------- aggregation
-def stats(values: list[float]) -> dict[str, Any]:
-    """``{n, mean, stderr}`` (mean and stderr None for no values)."""
-    if not values:
-        return {"n": 0, "mean": None, "stderr": None}
-    mean, stderr = mean_with_stderr(values)
-    return {"n": len(values), "mean": mean, "stderr": stderr}
-
-
-def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """F1 and gold log-likelihood over all questions, those outside the window, and per category."""
-
-    def both(items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"f1": stats([r["f1"] for r in items]), "loglik": stats([r["loglik"] for r in items])}
-
-    categories = sorted({r["category"] for r in records}, key=str)
-    return {
-        "all": both(records),
-        "outside": both([r for r in records if r["outside"]]),
-        "categories": {str(c): both([r for r in records if r["category"] == c]) for c in categories},
-    }
-
-
-def comparisons(memories: list[str]) -> list[tuple[str, str, str]]:
-    """``(setting a, setting b, subset)``: a memory against no memory, and each Locas memory against LoRA, paired per
-    question. Short and long windows are compared on the questions outside them, no dialogue on all."""
-    pairs = []
-    for memory in memories:
-        pairs += [(f"short+{memory}", "short", "outside"), (f"none+{memory}", "none", "all")]
-        pairs += [(f"long+{memory}", "long", "outside")]
-    for memory in [m for m in memories if m.startswith("locas")] if "lora" in memories else []:
-        pairs += [(f"short+{memory}", "short+lora", "outside"), (f"none+{memory}", "none+lora", "all")]
-        pairs += [(f"long+{memory}", "long+lora", "all")]
-    return pairs
-
-
-def paired(records: dict[str, list[dict[str, Any]]], a: str, b: str, subset: str) -> dict[str, Any]:
-    """Mean and standard error of the per-question differences a - b (gold log-likelihood and F1)."""
-    by_b = {(r["sample"], r["key"]): r for r in records[b]}
-    pairs = [(r, by_b[(r["sample"], r["key"])]) for r in records[a] if (r["sample"], r["key"]) in by_b]
-    if subset == "outside":
-        pairs = [(x, y) for x, y in pairs if x["outside"] and y["outside"]]
-    return {
-        "a": a,
-        "b": b,
-        "subset": subset,
-        "loglik": stats([x["loglik"] - y["loglik"] for x, y in pairs]),
-        "f1": stats([x["f1"] - y["f1"] for x, y in pairs]),
-    }
-
-
-def aggregate(runs: list[dict[str, Any]], memories: list[str]) -> dict[str, Any]:
-    """Per dataset (LoCoMo, probe): every setting's summary and the paired comparisons, over all its conversations."""
-    datasets: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for run in runs:
-        pooled = datasets.setdefault(run["info"]["dataset"], {})
-        for name, items in run["records"].items():
-            pooled.setdefault(name, []).extend(items)
-    return {
-        dataset: {
-            "settings": {name: summarize(items) for name, items in pooled.items()},
-            "paired": [paired(pooled, a, b, subset) for a, b, subset in comparisons(memories)],
-        }
-        for dataset, pooled in datasets.items()
-    }
-
-
-def with_error(entry: dict[str, Any], scale: float = 1.0) -> str | None:
-    if entry["mean"] is None:
-        return None
-    return f"{scale * entry['mean']:.3f} ± {scale * entry['stderr']:.3f}"
-
-
-def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for name, entry in summary["settings"].items():
-        rows.append(
-            {
-                "setting": name,
-                "n": entry["all"]["f1"]["n"],
-                "F1": with_error(entry["all"]["f1"], 100),
-                "gold loglik/token": with_error(entry["all"]["loglik"]),
-                "outside n": entry["outside"]["f1"]["n"],
-                "outside F1": with_error(entry["outside"]["f1"], 100),
-                "outside loglik": with_error(entry["outside"]["loglik"]),
-            }
-        )
-    return rows
-
-
-def category_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for name, entry in summary["settings"].items():
-        row = {"setting": name}
-        for category, scores in entry["categories"].items():
-            label = f"{category} {CATEGORIES.get(int(category), '?')} (n={scores['f1']['n']})"
-            row[label] = with_error(scores["f1"], 100)
-        rows.append(row)
-    return rows
-
-
-def paired_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {
-            "a - b": f"{item['a']} - {item['b']}",
-            "questions": item["subset"],
-            "n": item["loglik"]["n"],
-            "loglik diff": with_error(item["loglik"]),
-            "F1 diff": with_error(item["f1"], 100),
-        }
-        for item in summary["paired"]
-    ]
-
-
-def plot(datasets: dict[str, Any], path: Path) -> None:
-    """Per dataset: gold log-likelihood per token (all questions and those outside the window) and F1, with standard
-    errors, for every setting."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(13, 4.2 * len(datasets)), dpi=110, layout="constrained")
-    axes = figure.subplots(len(datasets), 2, squeeze=False)
-    for row, (dataset, summary) in enumerate(datasets.items()):
-        names = list(summary["settings"])
-        positions = range(len(names))
-        for offset, subset, colour in ((-0.2, "all", "C0"), (0.2, "outside", "C1")):
-            for column, metric, scale in ((0, "loglik", 1.0), (1, "f1", 100.0)):
-                entries = [summary["settings"][name][subset][metric] for name in names]
-                means = [scale * e["mean"] if e["mean"] is not None else float("nan") for e in entries]
-                errors = [scale * e["stderr"] if e["stderr"] is not None else 0.0 for e in entries]
-                label = "all questions" if subset == "all" else "evidence outside the window"
-                axes[row, column].bar(
-                    [p + offset for p in positions], means, 0.4, yerr=errors, color=colour, label=label, capsize=2
-                )
-        for column, title in ((0, "gold answer log-likelihood per token"), (1, "LoCoMo F1 (x100)")):
-            ax = axes[row, column]
-            ax.set_title(f"{dataset}: {title}")
-            ax.set_xticks(list(positions), names, rotation=45, ha="right", fontsize=8)
-            ax.grid(alpha=0.3, axis="y")
-            ax.legend(fontsize=7)
-    figure.savefig(path)
 
 
 # ---------------------------------------------------------------------------------------------------- command line

@@ -209,21 +209,21 @@ def test_evidence_outside_the_window_on_a_hand_made_conversation(tokenizer):
 
 
 def test_aggregates_and_paired_differences():
-    locomo = benchmark_module("locomo")
+    scores = benchmark_module("locomo_scores")
 
     def record(key, f1, loglik, outside, category=4):
         return {"sample": "s", "key": key, "f1": f1, "loglik": loglik, "outside": outside, "category": category}
 
     a = [record(0, 1.0, -1.0, True), record(1, 0.0, -2.0, False, 5), record(2, 0.5, -0.5, None), record(3, 1, -1, True)]
     b = [record(0, 0.0, -1.5, True), record(1, 0.0, -2.5, False, 5), record(2, 0.5, -1.0, None)]
-    summary = locomo.summarize(a)
+    summary = scores.summarize(a)
     assert summary["all"]["f1"] == {"n": 4, "mean": 0.625, "stderr": pytest.approx(math.sqrt(0.22916666 / 4))}
     assert summary["outside"]["loglik"] == {"n": 2, "mean": -1.0, "stderr": 0.0}
     assert summary["categories"]["5"]["f1"] == {"n": 1, "mean": 0.0, "stderr": 0.0}
-    both = locomo.paired({"a": a, "b": b}, "a", "b", "all")
+    both = scores.paired({"a": a, "b": b}, "a", "b", "all")
     assert both["loglik"] == {"n": 3, "mean": pytest.approx(0.5), "stderr": 0.0}  # key 3 has no partner
-    assert locomo.paired({"a": a, "b": b}, "a", "b", "outside")["f1"] == {"n": 1, "mean": 1.0, "stderr": 0.0}
-    assert locomo.stats([]) == {"n": 0, "mean": None, "stderr": None}
+    assert scores.paired({"a": a, "b": b}, "a", "b", "outside")["f1"] == {"n": 1, "mean": 1.0, "stderr": 0.0}
+    assert scores.stats([]) == {"n": 0, "mean": None, "stderr": None}
 
 
 def test_question_forms_follow_locomo():
