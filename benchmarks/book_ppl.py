@@ -37,6 +37,7 @@ from common import (
     add_common_arguments,
     apply_common,
     book_token_ids,
+    figure_path,
     load_model,
     print_table,
     write_results,
@@ -280,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         tables[book] = summary_rows(records)
         print(f"\n{book}, {tokens} tokens, window {args.context}+{args.chunk}, {args.steps} steps per chunk:")
         print_table(tables[book], list(tables[book][0]))
-    suffix = "_quick" if args.quick else ""
-    figure = (args.out.parent if args.out else Path(__file__).parent / "results") / f"book_ppl{suffix}.png"
-    figure.parent.mkdir(parents=True, exist_ok=True)
+    figure = figure_path("book_ppl", args)
     plot(per_book, figure)
     wall = time.perf_counter() - started
     results = {

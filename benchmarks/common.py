@@ -194,6 +194,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+def figure_path(name: str, args: argparse.Namespace) -> Path:
+    """Where a benchmark's plot goes: beside ``--out`` when given, else in ``benchmarks/results/``, named as its JSON
+    (``<name>.png``, ``<name>_quick.png`` with ``--quick``); the folder is created."""
+    path = (args.out.parent if args.out else RESULTS) / f"{name}{'_quick' if args.quick else ''}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_results(name: str, args: argparse.Namespace, results: dict[str, Any]) -> Path:
     """Write ``results`` with the command's arguments and the machine, and return the path."""
     out = args.out or RESULTS / f"{name}{'_quick' if args.quick else ''}.json"

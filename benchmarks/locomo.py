@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, add_common_arguments, apply_common, load_model, print_table, write_results
+from common import RESULTS, add_common_arguments, apply_common, figure_path, load_model, print_table, write_results
 from locomo_dialogues import (
     ADVERSARIAL_GOLD,
     Dialogue,
@@ -531,9 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{dataset}: paired differences per question (a - b)")
         print_table(paired_rows(summary), list(paired_rows(summary)[0]))
 
-    suffix = "_quick" if args.quick else ""
-    figure = (args.out.parent if args.out else RESULTS) / f"locomo{suffix}.png"
-    figure.parent.mkdir(parents=True, exist_ok=True)
+    figure = figure_path("locomo", args)
     plot(datasets, figure)
     conversations = {dialogue.sample_id: run["info"] for dialogue, run in zip(chosen, runs, strict=True)}
     total = sum(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from book_ppl import add_protocol_arguments, chosen_lora_lr, completed, locas_spec, lora_spec, plot
-from common import add_common_arguments, apply_common, print_table, write_results
+from common import add_common_arguments, apply_common, figure_path, print_table, write_results
 
 
 def segment_perplexities(result: dict[str, Any], segment: int) -> list[float]:
@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_of(records, segment)
     print(f"\n{args.book}, {tokens} tokens, window {args.context}+{args.chunk}, {args.steps} steps per chunk:")
     print_table(rows, list(rows[0]))
-    figure = (
-        args.out.parent if args.out else Path(__file__).parent / "results"
-    ) / f"long_read{'_quick' * args.quick}.png"
-    figure.parent.mkdir(parents=True, exist_ok=True)
+    figure = figure_path("long_read", args)
     plot({args.book: records}, figure)
     results = {
         "book": args.book,

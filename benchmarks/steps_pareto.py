@@ -32,6 +32,7 @@ from common import (
     add_common_arguments,
     apply_common,
     book_token_ids,
+    figure_path,
     finish,
     load_model,
     measure_in_child,
@@ -220,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [steps_target(book, rows) for book in books]
     for target in targets:
         print(target["summary"])
-    figure = (
-        args.out.parent if args.out else Path(__file__).parent / "results"
-    ) / f"steps_pareto{'_quick' * args.quick}.png"
-    figure.parent.mkdir(parents=True, exist_ok=True)
+    figure = figure_path("steps_pareto", args)
     plot(rows, figure)
     extra = {"tokens_per_book": args.tokens, "rounds": rounds, "r": args.r, "lora_r": args.lora_r, "plot": figure.name}
     extra |= {"lora_lr_sweep": lora_sweep, "targets": targets}
