@@ -132,6 +132,12 @@ def test_bad_inputs_give_one_error_line(files, tmp_path, capsys, monkeypatch):
         (memorize("--text", str(tmp_path / "binary.bin")), 1, r"binary.bin is not a UTF-8 text file"),
         (memorize("--text", str(tmp_path / "nul.txt")), 1, r"nul.txt is not a text file \(it contains NUL bytes\)"),
         (memorize("--text", str(tmp_path / "short.txt")), 1, r"the text has \d+ tokens, fewer than one chunk of 512"),
+        (memorize("--max-tokens", "100"), 1, r"--max-tokens 100 keeps fewer tokens than one chunk of 512: raise"),
+        (
+            ["ask", "--adapter", main, "--question", "Q?"],
+            1,
+            r"is a model folder \(it has config.json\), not an adapter",
+        ),
         (memorize("--model", "some-org/some-model"), 1, r"model folder some-org/some-model not found"),
         (memorize("--out", str(tmp_path / "full")), 1, r"exists and is not empty: pass --overwrite"),
         (memorize("--r", "500"), 1, r"--r 500 exceeds the MLP's intermediate size 128 of .*: .* at most 128$"),

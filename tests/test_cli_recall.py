@@ -275,6 +275,24 @@ def test_a_memorised_text_is_asked_about_the_text_it_remembers(run, tmp_path, ca
     answers, _ = ask_here(capsys, "--model", str(run["model"]), *both, *question)
     assert {answer["prompt_tokens"] for answer in answers} == {expected.prompt_tokens}
 
+    # merged, the checkpoint keeps the record (and the wording); a composed memory follows the ones it came from
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--model", str(run["model"]), "--adapter", str(book), "--out", str(merged)]) == 0
+    assert json.loads((merged / cli.RESULTS_FILE).read_text())["merged_from"] == str(book.resolve())
+    capsys.readouterr()
+    answers, _ = ask_here(capsys, "--model", str(merged), *question)
+    base = AutoModelForCausalLM.from_pretrained(merged)
+    expected = Asker(base, tokenizer, instruction=TEXT_MEMORY_INSTRUCTION, max_new_tokens=6).ask("What ran?")
+    assert (answers[0]["answer"], answers[0]["prompt_tokens"]) == (expected.text, expected.prompt_tokens)
+    composed = tmp_path / "composed"
+    compose = ["compose", "--model", str(run["model"]), "--adapter", str(run["adapter"]), "--adapter", str(book)]
+    assert cli.main([*compose, "--out", str(composed)]) == 0
+    capsys.readouterr()
+    from peft_locas.app.context import memory_instruction_of
+
+    assert memory_instruction_of([composed]) == TEXT_MEMORY_INSTRUCTION
+    assert memory_instruction_of([run["adapter"], run["model"]]) is None
+
 
 def test_chat_streams_each_reply_and_leaves_at_end_of_input(run):
     args = ["--model", str(run["model"]), "--adapter", str(run["adapter"]), "--max-new-tokens", "5"]

@@ -30,7 +30,8 @@ def add_asking_options(parser: argparse.ArgumentParser) -> None:
     context.add_argument(
         "--context",
         default=None,
-        help="a text or conversation file put before every question (its end, from a line start, if it is too long)",
+        help="a text or conversation file, or a prepared book's name, put before every question (its end, from a "
+        "line start, if it is too long)",
     )
     context.add_argument(
         "--context-tokens",
@@ -64,13 +65,23 @@ def _recorded_texts(adapter: Path) -> tuple[dict[str, Any] | None, list[dict[str
     return record, (record or {}).get("texts") or ([record] if record and record.get("text_path") else [])
 
 
-def memory_instruction_of(adapters: list[Path]) -> str | None:
-    """How a question is asked of these memories without a context: `TEXT_MEMORY_INSTRUCTION` ("Based on the text
-    you remember ...") when their memorize records name a text that is not a conversation, else ``None`` (the
-    `Asker`'s own, a conversation's). An adapter without a record (saved from Python) counts as a conversation's."""
+def memory_instruction_of(folders: list[Path]) -> str | None:
+    """How a question is asked of these memories (adapters, or a merged checkpoint) without a context:
+    `TEXT_MEMORY_INSTRUCTION` ("Based on the text you remember ...") when their memorize records (those of the
+    memories a composed one came from, too) name a text that is not a conversation, else ``None`` (the `Asker`'s own,
+    a conversation's). A folder without a record (an adapter saved from Python, a base model) counts as a
+    conversation's."""
     from ..recall.dialogue import is_conversation_file  # no torch: cheap
 
-    paths = [text["text_path"] for adapter in adapters for text in _recorded_texts(adapter)[1] if text.get("text_path")]
+    paths, todo, seen = [], list(folders), set()
+    while todo:
+        folder = Path(todo.pop())
+        if folder.resolve() in seen:
+            continue
+        seen.add(folder.resolve())
+        record, texts = _recorded_texts(folder)
+        paths += [text["text_path"] for text in texts if text.get("text_path")]
+        todo += (record or {}).get("composed_from", [])
     if all(is_conversation_file(path) for path in paths):
         return None
     from ..recall.prompts import TEXT_MEMORY_INSTRUCTION
@@ -176,7 +187,7 @@ def load_asker(args: argparse.Namespace):
         model,
         tokenizer,
         context,
-        instruction=memory_instruction_of([args.adapter]) if context is None and args.adapter is not None else None,
+        instruction=memory_instruction_of([args.adapter or folder]) if context is None else None,
         system_prompt=args.system,
         use_chat_template=False if args.no_chat_template else None,
         max_new_tokens=args.max_new_tokens,

@@ -273,6 +273,11 @@ def adapter_config(adapter: Path, library_hint: str = "") -> Any:
             raise UsageError(f"adapter folder {adapter} not found")
         if not adapter.is_dir():
             raise UsageError(f"{adapter} is a file, not an adapter folder (one holding {' and '.join(_ADAPTER_FILES)})")
+        if (adapter / "config.json").is_file():
+            raise UsageError(
+                f"{adapter} is a model folder (it has config.json), not an adapter folder: give it as --model "
+                "(a merged checkpoint needs no --adapter)"
+            )
         raise UsageError(f"{adapter} is not an adapter folder: it has no {' or '.join(missing)}")
     from peft import PeftConfig
 

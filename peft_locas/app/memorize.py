@@ -334,6 +334,11 @@ def _plan(tokenizer: Any, memorized: Any, args: argparse.Namespace, label: str |
     from ..chunking import chunk_windows, tokens_and_boundaries
 
     ids, starts = tokens_and_boundaries(tokenizer, memorized, args.max_tokens)
+    if len(ids) < args.chunk_tokens and len(ids) == args.max_tokens:  # the text is longer: the cut is what is short
+        raise UsageError(
+            f"--max-tokens {args.max_tokens} keeps fewer tokens than one chunk of {args.chunk_tokens}: raise "
+            f"--max-tokens to at least {args.chunk_tokens} or lower --chunk-tokens"
+        )
     if len(ids) < args.chunk_tokens:
         which = "the text" if label is None else f"the text {label}"
         raise UsageError(

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .inputs import adapter_config, check_out, model_dir
+from .inputs import RESULTS_FILE, adapter_config, check_out, memorize_record, model_dir
 from .options import UsageError, model_options, positive_int
 from .output import atomic_folder, check_writable
 
@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     with atomic_folder(args.out, _weights_bytes(merged)) as partial:
         merged.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        if (record := memorize_record(args.adapter)) is not None:  # what the checkpoint memorised: ask words for it
+            record = {**record, "merged_from": str(args.adapter.resolve())}
+            (partial / RESULTS_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     new_width = _mlp_width(merged)
     padded = f", padded to a multiple of {args.pad_to_multiple_of}" if (args.pad_to_multiple_of or 1) > 1 else ""
     grown = f" (MLP intermediate size {width} -> {new_width}{padded})" if width != new_width else ""
