@@ -267,8 +267,12 @@ def test_a_memorised_text_is_asked_about_the_text_it_remembers(run, tmp_path, ca
     question = ["--question", "What ran?", "--max-new-tokens", "6"]
     for adapter, instruction in ((run["adapter"], MEMORY_INSTRUCTION), (book, TEXT_MEMORY_INSTRUCTION)):
         answers, _ = ask_here(capsys, "--model", str(run["model"]), "--adapter", str(adapter), *question)
-        expected = Asker(model, tokenizer, instruction=instruction, max_new_tokens=6).ask("What ran?")
+        asker = Asker(model, tokenizer, instruction=instruction, max_new_tokens=6)
+        expected = asker.ask("What ran?")
         assert (answers[0]["answer"], answers[0]["prompt_tokens"]) == (expected.text, expected.prompt_tokens)
+        assert "prompt" not in answers[0]
+        shown, _ = ask_here(capsys, "--model", str(run["model"]), "--adapter", str(adapter), *question, "--show-prompt")
+        assert shown[0]["prompt"] == asker.prompt("What ran?") and instruction in shown[0]["prompt"]
     conversation_only = len(tokenizer(MEMORY_INSTRUCTION)["input_ids"])
     assert conversation_only != len(tokenizer(TEXT_MEMORY_INSTRUCTION)["input_ids"])  # the prompts tell them apart
     both = ["--memory", str(run["adapter"]), "--memory", str(book)]

@@ -42,6 +42,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "its memory",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here instead of stdout")
+    parser.add_argument(
+        "--show-prompt",
+        action="store_true",
+        help="add each question's whole prompt (system prompt, context, instruction, chat template) to its line, "
+        'as "prompt"',
+    )
     parser.set_defaults(run=run)
 
 
@@ -88,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
                 )
             seconds = round(answer.seconds, 3)
             line.update(prompt_tokens=answer.prompt_tokens, new_tokens=answer.new_tokens, seconds=seconds)
+            if args.show_prompt:
+                line["prompt"] = asker.prompt(question.question)
             lines.append(json.dumps(line, ensure_ascii=False))
             if args.out is None:
                 print(lines[-1], flush=True)
