@@ -136,6 +136,7 @@ def test_merge_writes_all_or_nothing(files, tmp_path, capsys):
     assert sorted(p.name for p in merged.iterdir() if p.suffix in (".txt", ".json") and "token" not in p.name) == [
         "config.json",
         "generation_config.json",
+        "memorize_results.json",  # the adapter's record: what the checkpoint memorised
     ]
     assert (merged / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
     capsys.readouterr()
