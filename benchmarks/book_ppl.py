@@ -40,6 +40,7 @@ from common import (
     figure_path,
     load_model,
     print_table,
+    set_work,
     write_results,
 )
 
@@ -48,6 +49,9 @@ from peft_locas.results import MemorizeResult
 
 LOCAS_RUNS = [(4, "top_k"), (16, "top_k"), (64, "top_k"), (64, "gaussian"), (64, "random_clone"), (64, "bottom_k")]
 LORA_R = 64
+#: the memory-free runs: the short window alone, and as much context as the model takes
+NO_MEMORY = {"method": "no memory", "kind": "eval"}
+LONG_WINDOW = {"method": "long window", "kind": "long"}
 
 
 def locas_spec(r: int, init: str) -> dict[str, Any]:
@@ -60,8 +64,7 @@ def lora_spec(lr: float) -> dict[str, Any]:
 
 def method_specs(lora_lr: float) -> list[dict[str, Any]]:
     """The methods compared on every book."""
-    specs = [{"method": "no memory", "kind": "eval"}, {"method": "long window", "kind": "long"}]
-    return specs + [locas_spec(r, init) for r, init in LOCAS_RUNS] + [lora_spec(lora_lr)]
+    return [NO_MEMORY, LONG_WINDOW] + [locas_spec(r, init) for r, init in LOCAS_RUNS] + [lora_spec(lora_lr)]
 
 
 def chosen_lora_lr(args: argparse.Namespace) -> float:
@@ -235,10 +238,6 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", default=None, help="per-run results and checkpoints (default under ~/.cache)")
 
 
-def default_work(quick: bool) -> str:
-    return str(Path.home() / ".cache/peft-locas/benchmarks" / f"book_ppl{'_quick' * quick}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
@@ -250,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     add_protocol_arguments(parser)
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args(argv)
-    args.work = args.work or default_work(args.quick)
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    set_work(args, "book_ppl")
     if args.run is not None:
         spec = json.loads(args.run)
         record = {"spec": spec, "settings": protocol(args), **run_one(spec, args)}

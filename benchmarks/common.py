@@ -194,6 +194,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+def default_work(name: str, quick: bool) -> str:
+    """Where a benchmark keeps its finished runs unless ``--work`` says otherwise:
+    ``~/.cache/peft-locas/benchmarks/<name>`` (``<name>_quick`` with ``--quick``)."""
+    return str(Path.home() / ".cache/peft-locas/benchmarks" / f"{name}{'_quick' * quick}")
+
+
+def set_work(args: argparse.Namespace, name: str) -> None:
+    """``args.work``, or the benchmark's `default_work` when not given, created."""
+    args.work = args.work or default_work(name, args.quick)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+
+
 def figure_path(name: str, args: argparse.Namespace) -> Path:
     """Where a benchmark's plot goes: beside ``--out`` when given, else in ``benchmarks/results/``, named as its JSON
     (``<name>.png``, ``<name>_quick.png`` with ``--quick``); the folder is created."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from book_ppl import add_protocol_arguments, locas_spec, memorize_run
-from common import add_common_arguments, apply_common, book_token_ids, finish, load_model, start_clock
+from common import add_common_arguments, apply_common, book_token_ids, finish, load_model, set_work, start_clock
 from peft import PeftModel
 
 from peft_locas import evaluate
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(books) != 2:
         raise SystemExit(f"error: --books takes two novels, got {len(books)}")
     args.tokens = args.tokens or (2048 if args.quick else 8192)
-    args.work = args.work or str(Path.home() / ".cache/peft-locas/benchmarks" / f"compose{'_quick' * args.quick}")
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    set_work(args, "compose")
     start_clock(args)
 
     base, tokenizer = load_model(args.model)

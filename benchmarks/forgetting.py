@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from book_ppl import add_protocol_arguments, chosen_lora_lr, default_work, locas_spec, lora_spec, memorize_run
+from book_ppl import add_protocol_arguments, chosen_lora_lr, locas_spec, lora_spec, memorize_run
 from common import (
     add_common_arguments,
     apply_common,
     book_token_ids,
+    default_work,
     load_model,
     print_table,
     text_encoder,
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-lr", type=float, default=None, help="default: the one book_ppl.py's sweep chose")
     args = parser.parse_args(argv)
     apply_common(args)
-    args.work = args.work or default_work(args.quick)
+    args.work = args.work or default_work("book_ppl", args.quick)  # book_ppl's runs: their memories
     tokens = args.tokens or (2048 if args.quick else 16384)
     heldout_tokens = args.heldout_tokens or (1024 if args.quick else 4096)
     if args.mmlu is None:

@@ -44,7 +44,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, add_common_arguments, apply_common, figure_path, load_model, print_table, write_results
+from common import (
+    RESULTS,
+    add_common_arguments,
+    apply_common,
+    figure_path,
+    load_model,
+    print_table,
+    set_work,
+    write_results,
+)
 from locomo_dialogues import (
     ADVERSARIAL_GOLD,
     Dialogue,
@@ -491,8 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.work = args.work or str(Path.home() / ".cache/peft-locas/benchmarks" / f"locomo{'_quick' * args.quick}")
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    set_work(args, "locomo")
     if args.run_memory is not None:
         run_memory(json.loads(args.run_memory), args)
         return 0

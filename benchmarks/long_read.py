@@ -19,23 +19,31 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from book_ppl import add_protocol_arguments, chosen_lora_lr, completed, locas_spec, lora_spec, plot
-from common import add_common_arguments, apply_common, figure_path, print_table, write_results
+from book_ppl import (
+    LONG_WINDOW,
+    NO_MEMORY,
+    add_protocol_arguments,
+    chosen_lora_lr,
+    completed,
+    locas_spec,
+    lora_spec,
+    plot,
+)
+from common import add_common_arguments, apply_common, figure_path, print_table, set_work, write_results
 
 
 def segment_perplexities(result: dict[str, Any], segment: int) -> list[float]:
     """Perplexity of each ``segment``-token stretch of the text (tokens 1..segment, segment+1..2*segment, ...) from a
     `MemorizeResult` dict's per-chunk ``token_counts`` and mean ``losses`` (nats/token); a chunk counts in the
     stretch its last token lies in, so chunk sizes that divide ``segment`` split it exactly."""
-    sums: dict[int, list[float]] = {}
-    end = 1  # the first token is never predicted
+    sums: dict[int, tuple[float, int]] = {}
+    last = 0  # the last token scored so far (the first token is never predicted)
     for count, loss in zip(result["token_counts"], result["losses"], strict=True):
-        end += count
-        nll, tokens = sums.setdefault((end - 1) // segment, [0.0, 0])
-        sums[(end - 1) // segment] = [nll + count * loss, tokens + count]
+        last += count
+        nll, tokens = sums.get(last // segment, (0.0, 0))
+        sums[last // segment] = (nll + count * loss, tokens + count)
     return [math.exp(nll / tokens) for _, (nll, tokens) in sorted(sums.items())]
 
 
@@ -46,8 +54,8 @@ def tokens_label(tokens: int) -> str:
 def method_specs(ranks: list[int], lora_lr: float, long_window: bool) -> list[dict[str, Any]]:
     """The runs, the memories first: the long window (as much context as the model takes) is a reference, and at 64K
     tokens the slowest memory-free run."""
-    specs = [{"method": "no memory", "kind": "eval"}, *(locas_spec(r, "top_k") for r in ranks), lora_spec(lora_lr)]
-    return specs + ([{"method": "long window", "kind": "long"}] if long_window else [])
+    specs = [NO_MEMORY, *(locas_spec(r, "top_k") for r in ranks), lora_spec(lora_lr)]
+    return specs + ([LONG_WINDOW] if long_window else [])
 
 
 def rows_of(records: list[dict[str, Any]], segment: int) -> list[dict[str, Any]]:
@@ -82,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ranks = [int(r) for r in (args.ranks or ("16,64" if args.quick else "16,64,256")).split(",")]
     if segment % args.chunk:
         parser.error(f"--segment {segment} must be a multiple of --chunk {args.chunk} to split the chunks exactly")
-    args.work = args.work or str(Path.home() / ".cache/peft-locas/benchmarks" / f"long_read{'_quick' * args.quick}")
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    set_work(args, "long_read")
     started = time.perf_counter()
     lora_lr = chosen_lora_lr(args)
     records = [

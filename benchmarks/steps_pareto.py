@@ -37,6 +37,7 @@ from common import (
     load_model,
     measure_in_child,
     placement_arguments,
+    set_work,
     start_clock,
 )
 from report import steps_target
@@ -191,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     books = args.books.split(",")
     if args.sweep_book in books:
         parser.error(f"--sweep-book {args.sweep_book} is also benchmarked; tune LoRA on a different novel")
-    args.work = args.work or str(Path.home() / ".cache/peft-locas/benchmarks" / f"steps_pareto{'_quick' * args.quick}")
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    set_work(args, "steps_pareto")
     start_clock(args)
     runs = Runs(args)
     lora_sweep = sweep(runs, args, steps, "lora", args.lora_lrs)

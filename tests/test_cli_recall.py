@@ -295,7 +295,7 @@ def test_a_memorised_text_is_asked_about_the_text_it_remembers(run, tmp_path, ca
     from peft_locas.app.context import memory_instruction_of
 
     assert memory_instruction_of([composed]) == TEXT_MEMORY_INSTRUCTION
-    assert memory_instruction_of([run["adapter"], run["model"]]) is None
+    assert memory_instruction_of([run["adapter"], run["model"]]) == MEMORY_INSTRUCTION
 
 
 def test_chat_streams_each_reply_and_leaves_at_end_of_input(run):

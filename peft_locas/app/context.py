@@ -65,13 +65,13 @@ def _recorded_texts(adapter: Path) -> tuple[dict[str, Any] | None, list[dict[str
     return record, (record or {}).get("texts") or ([record] if record and record.get("text_path") else [])
 
 
-def memory_instruction_of(folders: list[Path]) -> str | None:
+def memory_instruction_of(folders: list[Path]) -> str:
     """How a question is asked of these memories (adapters, or a merged checkpoint) without a context:
-    `TEXT_MEMORY_INSTRUCTION` ("Based on the text you remember ...") when their memorize records (those of the
-    memories a composed one came from, too) name a text that is not a conversation, else ``None`` (the `Asker`'s own,
-    a conversation's). A folder without a record (an adapter saved from Python, a base model) counts as a
-    conversation's."""
+    `peft_locas.recall.prompts.memory_instruction` of whether every text their memorize records name (those of the
+    memories a composed one came from, too) is a conversation. A folder without a record (an adapter saved from
+    Python, a base model) counts as a conversation's."""
     from ..recall.dialogue import is_conversation_file  # no torch: cheap
+    from ..recall.prompts import memory_instruction  # no torch either
 
     paths, todo, seen = [], list(folders), set()
     while todo:
@@ -82,11 +82,7 @@ def memory_instruction_of(folders: list[Path]) -> str | None:
         record, texts = _recorded_texts(folder)
         paths += [text["text_path"] for text in texts if text.get("text_path")]
         todo += (record or {}).get("composed_from", [])
-    if all(is_conversation_file(path) for path in paths):
-        return None
-    from ..recall.prompts import TEXT_MEMORY_INSTRUCTION
-
-    return TEXT_MEMORY_INSTRUCTION
+    return memory_instruction(all(is_conversation_file(path) for path in paths))
 
 
 def _memorised_source(adapter: Path) -> tuple[list[Any], int | None]:
