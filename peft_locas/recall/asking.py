@@ -27,8 +27,10 @@ tokens in the plain form, as ``tokenizer(text)`` adds them; the chat template's 
 sees exactly the same token ids whether or not the cache is used. Decoding is greedy; answers stop at an end-of-sequence
 id (the tokenizer's and the generation config's) or after ``max_new_tokens``.
 
-Batches (`Asker.ask_many()`, `Asker.answer_logprobs()`): several questions share one prefill. The prefix cache is
-repeated along the batch dimension, each question's tokens are left-padded to the longest (the pads sit between the
+Batches (`Asker.ask_many()`, `Asker.answer_logprobs()`): several questions share one prefill. Each question's
+tokens continue the one prefix cache (with ``sdpa`` attention the prefix is kept once and every row's attention reads
+it in one matrix product, `peft_locas.recall.attention`; with another attention it is repeated along the batch
+dimension), each question's tokens are left-padded to the longest (the pads sit between the
 prefix and the question, masked out by the attention mask, and the position ids continue from the prefix without
 counting them), so every row computes what it computes alone (up to float rounding); a batch then decodes one token for
 all its rows per forward, matrix-matrix instead of matrix-vector products. Rows that reached an end-of-sequence id
@@ -61,6 +63,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
+from .attention import SharedPrefixLayer, grouped_query_attention, shares_prefix
 from .prefix_cache import (
     Continuation,
     PrefixCache,
@@ -252,12 +255,11 @@ class Asker:
 
         ``Answer.seconds`` is the batch's wall time shared equally by its questions (their sum is the total time).
 
-        Memory: each question of a batch holds its own copy of the prefix's KV cache, ``2 x layers x kv_heads x
-        head_dim x tokens`` values (4 bytes each in float32, with room for its question and answer); with the
-        prefix's kept cache, a batch needs ``batch_size + 1`` copies. SmolLM2-135M (30 layers, 3 KV heads of 64)
-        keeps 46 KB per token in float32, 0.38 GB for an 8K-token prefix: ``batch_size=8`` needs about 3.4 GB, 32
-        about 12.5 GB, so up to 32 fits a 24 GB machine beside the model; halve the batch for every doubling of the
-        context or of the model's KV width.
+        Memory: with ``sdpa`` attention (``transformers``' default; torch >= 2.5) a batch keeps the prefix's KV cache
+        once and each question only its own tokens'. With another attention implementation each question holds its own
+        copy of the prefix's cache, ``2 x layers x kv_heads x head_dim x tokens`` values (4 bytes each in float32):
+        with the kept one, ``batch_size + 1`` copies. SmolLM2-135M (30 layers, 3 KV heads of 64) keeps 46 KB per token
+        in float32, 0.38 GB for an 8K-token prefix: ``batch_size=8`` then needs about 3.4 GB.
 
         Raises:
             ValueError: an empty question, a prompt plus answer longer than the model's positions, or a
@@ -352,7 +354,8 @@ class Asker:
     def answer_logprobs(self, pairs: Sequence[tuple[str, str]], *, batch_size: int = 8) -> list[tuple[float, int]]:
         """`answer_logprob()` of each ``(question, answer)`` pair, in their order, computed in batches of up to
         ``batch_size`` pairs that share the prefilled prefix (left-padded as in `ask_many()`, whose memory rule of
-        thumb applies); equal to `answer_logprob()` up to float rounding (about 1e-6 in float32).
+        thumb applies); equal to `answer_logprob()` up to float rounding (a relative 1e-7 in float32, the answer's
+        tokens summed).
 
         Raises:
             ValueError: an empty question or answer, or a ``batch_size`` that is not a positive integer (checked for
@@ -376,14 +379,16 @@ class Asker:
                 sequences = [torch.cat(pair) for pair in zip(continuations[batch], answers[batch], strict=True)]
                 ids, mask, positions = self._left_padded(sequences)
                 keep = max(len(answer) for answer in answers[batch]) + 1
-                output = self.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    **self._logits_to_keep(keep),
-                    **{self._cache_kwarg: self._repeated(prefilled, len(sequences), ids.shape[1])},
-                )
+                cache = self._repeated(prefilled, len(sequences), ids.shape[1])
+                with grouped_query_attention(self.model, cache):
+                    output = self.model(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        use_cache=True,
+                        **self._logits_to_keep(keep),
+                        **{self._cache_kwarg: cache},
+                    )
                 logits = output.logits[:, -keep:]  # rows end together: each answer's tokens are its last ones
                 for row, answer_ids in enumerate(answers[batch]):
                     predicting = logits[row, keep - 1 - len(answer_ids) : keep - 1].float().log_softmax(-1)
@@ -470,18 +475,19 @@ class Asker:
         """Greedy new token ids (int64 ``(new_tokens,)``) after the prefix and ``continuation``, continuing from
         ``cache`` (a copy of the prefix's); call in `_asking()` (or a thread: generate turns gradients off itself)."""
         ids = torch.cat([self.prefix_ids, continuation])[None].to(self._device())
-        output = self.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            num_beams=1,
-            repetition_penalty=1.0,
-            max_new_tokens=limit,
-            eos_token_id=self.eos_token_ids or None,
-            pad_token_id=self._pad_token_id,
-            **{self._cache_kwarg: cache},
-            **kwargs,
-        )
+        with grouped_query_attention(self.model):
+            output = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                num_beams=1,
+                repetition_penalty=1.0,
+                max_new_tokens=limit,
+                eos_token_id=self.eos_token_ids or None,
+                pad_token_id=self._pad_token_id,
+                **{self._cache_kwarg: cache},
+                **kwargs,
+            )
         return output[0, ids.shape[1] :].cpu()
 
     def _can_batch(self, prefilled: Any, greedy: bool) -> bool:
@@ -499,10 +505,13 @@ class Asker:
         return logits_to_keep(self.model, count)
 
     def _repeated(self, prefilled: Any, rows: int, room: int) -> Any:
-        """A copy of the prefix cache (of plain dynamic layers) with ``rows`` rows, one per question of a batch, and
-        room for ``room`` more tokens (see `_ReservedLayer`)."""
+        """The prefix cache (of plain dynamic layers) continued by ``rows`` rows, one per question of a batch, with
+        room for ``room`` more tokens each: the prefix kept once (`SharedPrefixLayer`, for
+        `grouped_query_attention()`) where the model's attention can read it so, else copied to every row
+        (`_ReservedLayer`)."""
+        layer_type = SharedPrefixLayer if shares_prefix(self.model) else _ReservedLayer
         cache = copy.copy(prefilled)
-        cache.layers = [_ReservedLayer(layer, rows, room) for layer in prefilled.layers]
+        cache.layers = [layer_type(layer, rows, room) for layer in prefilled.layers]
         return cache
 
     def _left_padded(self, sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -525,11 +534,18 @@ class Asker:
         self, continuations: Sequence[torch.Tensor], limits: Sequence[int], prefilled: Any
     ) -> list[list[int]]:
         """Greedy new token ids of each continuation (as `_generate()`: a stopping end-of-sequence id included),
-        decoded together from copies of the prefix cache ``prefilled``; call in `_asking()`."""
+        decoded together from the prefix cache ``prefilled`` (`_repeated()`); call in `_asking()`."""
         ids, mask, positions = self._left_padded(continuations)
         cache = self._repeated(prefilled, len(continuations), ids.shape[1] + max(limits))
-        rows = list(range(len(continuations)))  # the question of each row still decoding
-        new_ids: list[list[int]] = [[] for _ in continuations]
+        with grouped_query_attention(self.model, cache):
+            return self._decode_rows(ids, mask, positions, limits, cache)
+
+    def _decode_rows(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, limits: Sequence[int], cache: Any
+    ) -> list[list[int]]:
+        """`_generate_many()`'s greedy loop over left-padded ``ids``, their ``mask`` and ``positions``."""
+        rows = list(range(len(limits)))  # the question of each row still decoding
+        new_ids: list[list[int]] = [[] for _ in limits]
         while True:
             output = self.model(
                 input_ids=ids,

@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from .attention import grouped_query_attention
+
 #: how many model states (e.g. adapter on, adapter disabled) keep a prefilled prefix cache at once
 _KEPT_PREFIX_CACHES = 2
 
@@ -117,7 +119,7 @@ class PrefixCache:
         device = model_device(self.model)
         new_ids: list[int] = []
         logits: list[torch.Tensor] = []
-        with evaluating(self.model):
+        with evaluating(self.model), grouped_query_attention(self.model):
             cache = copy.deepcopy(self.prefilled())
             step = tokens.to(device)
             while len(new_ids) < limit:
