@@ -331,3 +331,14 @@ def test_results_page_tables_are_rendered_from_the_committed_results(tmp_path):
         assert (committed / path.name).read_bytes() == path.read_bytes(), (
             f"docs/benchmark-results/{path.name} is stale: run `python benchmarks/report.py`"
         )
+
+
+def test_asking_benchmark_smallest_mode(tmp_path):
+    out = tmp_path / "asking.json"
+    run_benchmark("asking.py", "--out", str(out), "--work", str(tmp_path / "work"), "--tokens", "64")
+    result = json.loads(out.read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert list(rows) == ["generate", "ask", "ask_many", "ask_many (prefix copied)"]
+    assert rows["generate"]["vs_generate"] == 1 and rows["generate"]["prefill_s"] is None
+    assert all(row["total_s"] == pytest.approx(row["prefill_s"] + row["questions_s"]) for row in result["rows"][1:])
+    assert len(result["answers"]) == len(result["questions"]) == 4 and result["tokens"] == 64

@@ -230,6 +230,13 @@ class Asker:
         return self._continuation_ids(_check_turns(turns), _check_question(question))
 
     # ------------------------------------------------------------------ asking
+    def prefill(self) -> None:
+        """Run the shared prefix (system prompt, context, instruction) through the model now, for its current state
+        (adapters, weights): otherwise the first question does it. E.g. to time it apart, or so that the first answer
+        starts at once."""
+        with self._asking():
+            self._prefilled()
+
     def ask(self, question: str, *, max_new_tokens: int | None = None, turns: Sequence[tuple[str, str]] = ()) -> Answer:
         """The greedy answer to ``question`` (after the earlier ``(question, answer)`` ``turns`` of a chat, see
         `Chat`), continuing from the prefilled prefix.
