@@ -21,13 +21,13 @@ from peft_locas.recall.asking import (
     MEMORY_INSTRUCTION,
     Asker,
     PrefixCache,
-    _ReservedLayer,
     accepts_argument,
     cache_argument,
     end_of_sequence_ids,
     fit_context,
     max_positions,
 )
+from peft_locas.recall.attention import CopiedPrefixLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -391,7 +391,7 @@ def test_reserved_cache_layer_equals_concatenation():
     torch.manual_seed(0)
     prefix = DynamicLayer()
     prefix.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 3))
-    reserved, concatenated = _ReservedLayer(prefix, rows=3, room=4), copy.deepcopy(prefix)
+    reserved, concatenated = CopiedPrefixLayer(prefix, rows=3, room=4), copy.deepcopy(prefix)
     concatenated.batch_repeat_interleave(3)
     for rows, length in [(3, 3), (3, 1), (2, 1), (2, 4)]:  # the room runs out at the second step, then at the last
         if rows < reserved.keys.shape[0]:

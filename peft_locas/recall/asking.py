@@ -63,7 +63,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
-from .attention import SharedPrefixLayer, grouped_query_attention, shares_prefix
+from .attention import CopiedPrefixLayer, SharedPrefixLayer, grouped_query_attention, shares_prefix
 from .prefix_cache import (
     Continuation,
     PrefixCache,
@@ -515,8 +515,8 @@ class Asker:
         """The prefix cache (of plain dynamic layers) continued by ``rows`` rows, one per question of a batch, with
         room for ``room`` more tokens each: the prefix kept once (`SharedPrefixLayer`, for
         `grouped_query_attention()`) where the model's attention can read it so, else copied to every row
-        (`_ReservedLayer`)."""
-        layer_type = SharedPrefixLayer if shares_prefix(self.model) else _ReservedLayer
+        (`CopiedPrefixLayer`)."""
+        layer_type = SharedPrefixLayer if shares_prefix(self.model) else CopiedPrefixLayer
         cache = copy.copy(prefilled)
         cache.layers = [layer_type(layer, rows, room) for layer in prefilled.layers]
         return cache
@@ -677,45 +677,6 @@ class Chat:
     def reset(self) -> None:
         """Forget the turns (the prefix stays prefilled)."""
         self.turns.clear()
-
-
-class _ReservedLayer(DynamicLayer):
-    """A `DynamicLayer` holding ``rows`` copies of another's (one-row) states, with room for ``room`` more tokens:
-    new tokens are written into the room instead of concatenated, as ``torch.cat`` copies the whole layer at every
-    step (most of a batched decoding step's time after a long prefix). ``keys`` and ``values`` view the filled part;
-    the room doubles if it runs out. Only what the batched loop uses is kept consistent: updates and row selection."""
-
-    def __init__(self, layer: DynamicLayer, rows: int, room: int) -> None:
-        super().__init__()
-        length = layer.keys.shape[-2]
-        self._keys = layer.keys.new_empty((rows, *layer.keys.shape[1:-2], length + room, layer.keys.shape[-1]))
-        self._values = layer.values.new_empty((rows, *layer.values.shape[1:-2], length + room, layer.values.shape[-1]))
-        self._keys[..., :length, :] = layer.keys  # the one prefix row, broadcast to every row
-        self._values[..., :length, :] = layer.values
-        self.device, self.is_initialized = layer.keys.device, True
-        self._filled(length)
-
-    def _filled(self, length: int) -> None:
-        self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.keys.shape[-2]
-        end = start + key_states.shape[-2]
-        if end > self._keys.shape[-2]:
-            self._keys = torch.cat([self._keys, torch.empty_like(self._keys)], dim=-2)
-            self._values = torch.cat([self._values, torch.empty_like(self._values)], dim=-2)
-            return self.update(key_states, value_states)
-        self._keys[..., start:end, :] = key_states
-        self._values[..., start:end, :] = value_states
-        self._filled(end)
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        length = self.keys.shape[-2]
-        self._keys, self._values = self._keys[indices], self._values[indices]
-        self._filled(length)
 
 
 class _TokenQueue(BaseStreamer, StoppingCriteria):

@@ -38,29 +38,23 @@ _HAS_ENABLE_GQA = torch.__version__ >= "2.5"
 _SHARED_CACHE: ContextVar[Any] = ContextVar("locas_shared_prefix_cache", default=None)
 
 
-class SharedPrefixLayer(DynamicLayer):
-    """A cache layer for ``rows`` continuations of one prefix: the prefix's keys and values ``(1, kv_heads,
-    prefix_tokens, head_dim)`` are another layer's tensors, shared and never written; each row's own tokens go into a
-    preallocated room of ``room`` positions (doubled if it runs out), so no step concatenates or copies the prefix.
+class RoomLayer(DynamicLayer):
+    """A cache layer whose rows' new tokens go into a preallocated room (doubled if it runs out) instead of being
+    concatenated: ``torch.cat`` copies the whole layer at every step, most of a batched decoding step's time after a
+    long prefix. ``keys`` and ``values`` view the filled part. Only what the batched loop uses is kept consistent:
+    updates and row selection. Built by `CopiedPrefixLayer` and `SharedPrefixLayer`."""
 
-    ``keys`` and ``values`` view the rows' own tokens ``(rows, kv_heads, own_tokens, head_dim)``; `get_seq_length()`
-    counts the prefix too. Only `gqa_sdpa_attention` reads such a layer correctly: use it inside
-    `grouped_query_attention()` (``with grouped_query_attention(model, cache) as shared:``, when ``shared`` is true).
-    """
-
-    def __init__(self, layer: DynamicLayer, rows: int, room: int) -> None:
-        super().__init__()
-        self.prefix_keys, self.prefix_values = layer.keys, layer.values
-        shape = (rows, *layer.keys.shape[1:-2], max(room, 1), layer.keys.shape[-1])
-        self._keys, self._values = layer.keys.new_empty(shape), layer.values.new_empty(shape)
-        self.dtype, self.device, self.is_initialized = layer.keys.dtype, layer.keys.device, True
+    def _reserve(self, layer: DynamicLayer, rows: int, length: int) -> None:
+        """Room for ``length`` positions of ``rows`` rows, shaped and typed as ``layer``'s keys and values (``(1,
+        kv_heads, n, head_dim)``), nothing filled yet."""
+        keys, values = layer.keys, layer.values
+        self._keys = keys.new_empty((rows, *keys.shape[1:-2], max(length, 1), keys.shape[-1]))
+        self._values = values.new_empty((rows, *values.shape[1:-2], max(length, 1), values.shape[-1]))
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self._filled(0)
 
     def _filled(self, length: int) -> None:
         self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
-
-    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
-        return self.prefix_keys.shape[-2] + self.keys.shape[-2]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -80,6 +74,36 @@ class SharedPrefixLayer(DynamicLayer):
         length = self.keys.shape[-2]
         self._keys, self._values = self._keys[indices], self._values[indices]
         self._filled(length)
+
+
+class CopiedPrefixLayer(RoomLayer):
+    """``rows`` copies of another layer's one-row prefix states, with room for ``room`` more tokens per row: the
+    layout any attention implementation reads (every row holds the whole prefix)."""
+
+    def __init__(self, layer: DynamicLayer, rows: int, room: int) -> None:
+        super().__init__()
+        length = layer.keys.shape[-2]
+        self._reserve(layer, rows, length + room)
+        self.update(layer.keys.expand(rows, *layer.keys.shape[1:]), layer.values.expand(rows, *layer.values.shape[1:]))
+
+
+class SharedPrefixLayer(RoomLayer):
+    """A cache layer for ``rows`` continuations of one prefix: the prefix's keys and values ``(1, kv_heads,
+    prefix_tokens, head_dim)`` are another layer's tensors, shared and never written; each row's own tokens go into
+    the room (``room`` positions), so no step concatenates or copies the prefix.
+
+    ``keys`` and ``values`` view the rows' own tokens ``(rows, kv_heads, own_tokens, head_dim)``; `get_seq_length()`
+    counts the prefix too. Only `gqa_sdpa_attention` reads such a layer correctly: give it to the model inside
+    ``with grouped_query_attention(model, cache):`` and only when `shares_prefix` is true for the model.
+    """
+
+    def __init__(self, layer: DynamicLayer, rows: int, room: int) -> None:
+        super().__init__()
+        self.prefix_keys, self.prefix_values = layer.keys, layer.values
+        self._reserve(layer, rows, room)
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        return self.prefix_keys.shape[-2] + self.keys.shape[-2]
 
     def materialised(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole keys and values ``(rows, kv_heads, prefix_tokens + own_tokens, head_dim)``: the prefix repeated
