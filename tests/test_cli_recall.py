@@ -288,6 +288,12 @@ def test_a_memorised_text_is_asked_about_the_text_it_remembers(run, tmp_path, ca
     base = AutoModelForCausalLM.from_pretrained(merged)
     expected = Asker(base, tokenizer, instruction=TEXT_MEMORY_INSTRUCTION, max_new_tokens=6).ask("What ran?")
     assert (answers[0]["answer"], answers[0]["prompt_tokens"]) == (expected.text, expected.prompt_tokens)
+    # --context-tokens reads the merged checkpoint's record as it reads an adapter's
+    answers, notes = ask_here(capsys, "--model", str(merged), *question, "--context-tokens", "30")
+    kept = fit_context(tokenizer, story.read_text(encoding="utf-8"), 30)
+    expected = Asker(base, tokenizer, kept, max_new_tokens=6).ask("What ran?")
+    assert (answers[0]["answer"], answers[0]["prompt_tokens"]) == (expected.text, expected.prompt_tokens)
+    assert len(notes) == 1 and notes[0].startswith("context: kept the last ")
     composed = tmp_path / "composed"
     compose = ["compose", "--model", str(run["model"]), "--adapter", str(run["adapter"]), "--adapter", str(book)]
     assert cli.main([*compose, "--out", str(composed)]) == 0
@@ -316,7 +322,7 @@ def test_chat_streams_each_reply_and_leaves_at_end_of_input(run):
     [
         (["ask"], "error: no question: pass --question TEXT (repeatable) or --questions FILE.jsonl"),
         (["ask", "--question", " "], "error: an empty question: every --question and every line of --questions needs"),
-        (["ask", "--question", "Q?", "--context-tokens", "8"], "error: --context-tokens needs --adapter: it takes"),
+        (["ask", "--question", "Q?", "--context-tokens", "8"], "error: --context-tokens needs --adapter, or a merged"),
         (["ask", "--question", "Q?", "--sample", "conv-1"], "error: --sample applies to LoCoMo files given with"),
         (["ask", "--question", "Q?", "--context", "missing.txt"], "error: text file missing.txt not found"),
         (["chat", "--context", "a.txt", "--context-tokens", "3"], "not allowed with argument --context"),

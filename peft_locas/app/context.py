@@ -37,7 +37,8 @@ def add_asking_options(parser: argparse.ArgumentParser) -> None:
         "--context-tokens",
         type=int_at_least(0),
         default=None,
-        help="the last N tokens of the text the adapter memorised (from a line start), put before every question",
+        help="the last N tokens of the text the adapter (or a merged --model folder) memorised, from a line start, "
+        "put before every question",
     )
     parser.add_argument("--sample", default=None, help="the sample_id to take from LoCoMo files (default: the first)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="longest answer, in tokens")
@@ -51,12 +52,24 @@ def check_context(args: argparse.Namespace) -> None:
     """Cheap checks of the context options, before the model loads."""
     if args.sample is not None and args.context is None and getattr(args, "questions", None) is None:
         raise UsageError("--sample applies to LoCoMo files given with --context or --questions")
-    if args.context_tokens is not None and args.adapter is None:
-        raise UsageError("--context-tokens needs --adapter: it takes the end of the text that adapter memorised")
+    if args.context_tokens is not None and _record_folder(args) is None:
+        raise UsageError(
+            f"--context-tokens needs --adapter, or a merged --model folder holding its {RESULTS_FILE}: it takes the "
+            "end of the text that memory memorised"
+        )
     if args.context_tokens is not None:
-        _memorised_source(args.adapter)
+        _memorised_source(_record_folder(args))
     elif args.context is not None:
         read_source(args.context, args.sample, flag="--context")
+
+
+def _record_folder(args: argparse.Namespace) -> Path | None:
+    """Where ``--context-tokens`` finds the memorize record: ``--adapter``, else a ``--model`` folder holding one (a
+    merged checkpoint: `merge` copies its adapter's record into it); ``None`` without either."""
+    if args.adapter is not None:
+        return args.adapter
+    model = Path(args.model) if args.model is not None else None
+    return model if model is not None and (model / RESULTS_FILE).is_file() else None
 
 
 def _recorded_texts(adapter: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -100,10 +113,11 @@ def _memorised_source(adapter: Path) -> tuple[list[Any], int | None]:
 
 def context_text(args: argparse.Namespace, tokenizer: Any, positions: int | None) -> str | None:
     """The context put before every question, fitted with `fit_context` (its end, from a line start when a line
-    starts near the cut): the ``--context`` file, or the last ``--context-tokens`` tokens of the text the adapter
-    memorised (the part `memorize` read, up to its recorded ``max_tokens``); ``None`` without either (or with
-    ``--context-tokens 0``). A model of ``positions`` positions takes at most ``positions - --max-new-tokens -``
-    `QUESTION_ROOM` context tokens. A cut context is reported on stderr in one line, its tokens kept of how many.
+    starts near the cut): the ``--context`` file, or the last ``--context-tokens`` tokens of the text the adapter (or
+    the merged checkpoint's adapter) memorised (the part `memorize` read, up to its recorded ``max_tokens``); ``None``
+    without either (or with ``--context-tokens 0``). A model of ``positions`` positions takes at most ``positions -
+    --max-new-tokens -`` `QUESTION_ROOM` context tokens. A cut context is reported on stderr in one line, its tokens
+    kept of how many.
 
     Raises:
         UsageError: the model's positions leave no room for a context beside the answer and the question.
@@ -111,7 +125,7 @@ def context_text(args: argparse.Namespace, tokenizer: Any, positions: int | None
     if args.context is not None:
         text, what = read_source(args.context, args.sample, flag="--context").text, args.context
     elif args.context_tokens:
-        sources, max_tokens = _memorised_source(args.adapter)
+        sources, max_tokens = _memorised_source(_record_folder(args))
         from ..chunking import documents_text  # several texts were memorised as one, joined as memorize joins them
 
         whole = sources[0].text if len(sources) == 1 else documents_text([s.memorized for s in sources])[0]
