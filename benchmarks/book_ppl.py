@@ -45,7 +45,7 @@ from common import (
 )
 
 from peft_locas import LocasConfig, MemorizeConfig, evaluate, memorize, templora_config
-from peft_locas.results import MemorizeResult
+from peft_locas.engine.results import MemorizeResult
 
 LOCAS_RUNS = [(4, "top_k"), (16, "top_k"), (64, "top_k"), (64, "gaussian"), (64, "random_clone"), (64, "bottom_k")]
 LORA_R = 64

@@ -11,7 +11,7 @@ import hashlib
 import random
 from typing import Any
 
-from peft_locas.chunking import text_and_boundaries
+from peft_locas.engine.chunking import text_and_boundaries
 from peft_locas.recall.dialogue import Conversation, Question, TurnSpan, render_conversation, turn_spans
 
 #: the log-likelihood's gold for adversarial questions: LoCoMo's own option text for "the conversation does not say"

@@ -22,8 +22,8 @@ from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state
 from transformers import BitsAndBytesConfig
 
 from peft_locas import LocasConfig, LocasLayer, MemorizeConfig, memorize
-from peft_locas.blocks import units_output
-from peft_locas.export import dequantize_base_model
+from peft_locas.weights.blocks import units_output
+from peft_locas.weights.export import dequantize_base_model
 
 QUANTIZED = {
     "int8": BitsAndBytesConfig(load_in_8bit=True),

@@ -29,7 +29,7 @@ from common import add_common_arguments, apply_common, print_table, write_result
 from recall_probe import generate_probe
 
 from peft_locas import LocasConfig, MemorizeConfig, memorize
-from peft_locas.memorization import templora_config
+from peft_locas.engine.memorization import templora_config
 from peft_locas.recall import Asker, load_conversation
 from peft_locas.recall.metrics import mean_with_stderr
 

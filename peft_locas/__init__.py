@@ -6,6 +6,11 @@ adapters like any built-in method. Where peft-locas is installed, processes that
 ``peft_locas_autoload.pth`` file hands over to this package when PEFT is imported (``PEFT_LOCAS_NO_AUTOLOAD=1`` turns
 that off; see `peft_locas._hook`). The package itself imports lazily: ``import peft_locas`` loads neither torch nor
 PEFT; each public name below is imported on first use (after registering LOCAS), as transformers does for its own.
+
+Where things are, bottom up: `weights` (MLP block layouts, projections of every type, one memory's parameters,
+export), `tuner` (the PEFT config, layer, model, composition and registration), `init` (initialising memories from the
+model and from data), `engine` (memorising a text chunk by chunk), `recall` (conversations, asking a memorised
+model), `app` (the command line, one module per command); `assets` prepares the real model and books offline.
 """
 
 from __future__ import annotations
@@ -19,22 +24,22 @@ __version__ = "0.1.0"
 
 #: public name -> the module defining it
 _EXPORTS = {
-    "LOCAS_PEFT_TYPE": ".registration",
-    "register_locas": ".registration",
-    "LocasConfig": ".config",
-    "LocasLayer": ".layer",
-    "LocasModel": ".model",
+    "LOCAS_PEFT_TYPE": ".tuner.registration",
+    "register_locas": ".tuner.registration",
+    "LocasConfig": ".tuner.config",
+    "LocasLayer": ".tuner.layer",
+    "LocasModel": ".tuner.model",
     "LocasInitState": ".init.data",
     "get_locas_init_state": ".init.data",
     "init_locas_weights": ".init.data",
     "compress_locas_memory": ".init.nlsvd",
     "grow_locas_memory": ".init.writing",
     # test-time memorisation (score, then train) of long texts
-    "MemorizeConfig": ".memorization",
-    "evaluate": ".memorization",
-    "memorize": ".memorization",
-    "templora_config": ".memorization",
-    "MemorizeResult": ".results",
+    "MemorizeConfig": ".engine.memorization",
+    "evaluate": ".engine.memorization",
+    "memorize": ".engine.memorization",
+    "templora_config": ".engine.memorization",
+    "MemorizeResult": ".engine.results",
     # recall: conversations as input, asking a memorised model questions
     "Asker": ".recall",
     "Conversation": ".recall",
@@ -79,16 +84,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
-    from .config import LocasConfig
+    from .engine.memorization import MemorizeConfig, evaluate, memorize, templora_config
+    from .engine.results import MemorizeResult
     from .init.data import LocasInitState, get_locas_init_state, init_locas_weights
     from .init.nlsvd import compress_locas_memory
     from .init.writing import grow_locas_memory
-    from .layer import LocasLayer
-    from .memorization import MemorizeConfig, evaluate, memorize, templora_config
-    from .model import LocasModel
     from .recall.asking import Asker
     from .recall.dialogue import Conversation, load_conversation, render_conversation
-    from .registration import LOCAS_PEFT_TYPE, register_locas  # noqa: F401 (public, not in __all__)
-    from .results import MemorizeResult
+    from .tuner.config import LocasConfig
+    from .tuner.layer import LocasLayer
+    from .tuner.model import LocasModel
+    from .tuner.registration import LOCAS_PEFT_TYPE, register_locas  # noqa: F401 (public, not in __all__)
 
 _hook.install()

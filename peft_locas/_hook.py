@@ -22,9 +22,9 @@ on every import on CPUs with AVX512-BF16 when the optional ``kernels`` package i
 record (see `quiet_bitsandbytes`) before PEFT runs, so command-line errors stay one line.
 
 One order cannot register from the hook: a tuner module of this package imported directly before PEFT (``import
-peft_locas.layer`` in a fresh process), because registration needs that very module, still half-initialised when its
-own PEFT import fires the hook. Registration then waits for `ensure_registered`, which every public name of the package
-and the end of `peft_locas.model` call.
+peft_locas.tuner.layer`` in a fresh process), because registration needs that very module, still half-initialised when
+its own PEFT import fires the hook. Registration then waits for `ensure_registered`, which every public name of the
+package and the end of `peft_locas.tuner.model` call.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from peft.utils import get_peft_model_state_dict
 from tiny_models import VOCAB, tiny_model
 
 from peft_locas import LocasConfig
-from peft_locas.checkpointing import latest_checkpoint
-from peft_locas.memorization import MemorizeConfig, memorize, templora_config
+from peft_locas.engine.checkpointing import latest_checkpoint
+from peft_locas.engine.memorization import MemorizeConfig, memorize, templora_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

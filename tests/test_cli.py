@@ -15,7 +15,7 @@ from tiny_checkpoint import make_checkpoint, sample_text
 from transformers import AutoModelForCausalLM
 
 from peft_locas import LocasConfig, assets, cli
-from peft_locas.memorization import templora_config
+from peft_locas.engine.memorization import templora_config
 
 TESTS = Path(__file__).parent
 RUN = ["--chunk-tokens", "64", "--context-tokens", "16", "--max-tokens", "320"]

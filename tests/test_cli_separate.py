@@ -153,7 +153,7 @@ def test_memory_names_are_derived_from_the_texts_and_never_misread_by_peft():
 
     from peft_locas.app.inputs import Source
     from peft_locas.app.memorize_separate import _PREFIX, adapter_names
-    from peft_locas.registration import LOCAS_PREFIX
+    from peft_locas.tuner.registration import LOCAS_PREFIX
 
     assert _PREFIX == LOCAS_PREFIX
     labels = ["notes", "notes", "a", "default", "__base__", "notes.v2", "my notes (draft)", "..."]

@@ -9,7 +9,7 @@ from tiny_models import tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 from peft_locas import LocasConfig
-from peft_locas.layer import LocasLayer
+from peft_locas.tuner.layer import LocasLayer
 
 
 def two_memories(family: str):

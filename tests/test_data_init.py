@@ -15,7 +15,7 @@ from peft_locas import (
     grow_locas_memory,
     init_locas_weights,
 )
-from peft_locas.blocks import Units
+from peft_locas.weights.blocks import Units
 
 GLU_METHODS = ("top_k", "bottom_k", "random_clone", "gaussian", "activation_keys", "param_norm")
 

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on two CPU ranks: `clip_memory_norms_()` clips the optimiser's own fp32 rows, so
-training equals the single process (without it, the master rows drift past the bound: `peft_locas.zero`). Skipped
-where DeepSpeed is not installed (it is in the ``test`` extra)."""
+training equals the single process (without it, the master rows drift past the bound: `peft_locas.weights.zero`).
+Skipped where DeepSpeed is not installed (it is in the ``test`` extra)."""
 
 import os
 import subprocess

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from tiny_models import VOCAB, tiny_model
 
 from peft_locas import LocasConfig
-from peft_locas.checkpointing import CheckpointError
-from peft_locas.chunking import Window, chunk_windows
-from peft_locas.memorization import MemorizeConfig, evaluate, memorize
-from peft_locas.objectives import TeacherTargets, distillation_loss, kl_divergence
+from peft_locas.engine.checkpointing import CheckpointError
+from peft_locas.engine.chunking import Window, chunk_windows
+from peft_locas.engine.memorization import MemorizeConfig, evaluate, memorize
+from peft_locas.engine.objectives import TeacherTargets, distillation_loss, kl_divergence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ from peft.utils import get_peft_model_state_dict
 from tiny_models import VOCAB, tiny_model
 
 from peft_locas import LocasConfig
-from peft_locas.memorization import MemorizeConfig, fuses_scoring, has_dropout, memorize, templora_config
+from peft_locas.engine.memorization import MemorizeConfig, fuses_scoring, has_dropout, memorize, templora_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -41,9 +41,15 @@ PROBE = "import importlib.util; assert importlib.util.find_spec('peft'); "  # wh
     [  # with the package imported, the autoload hook is switched off: the package's own hook must do it all
         ("import peft_locas; import peft", False),  # the package, then PEFT: the import hook registers
         ("import peft; import peft_locas", False),  # PEFT first: registered at once
-        ("from peft_locas.memorization import memorize", False),  # a module that imports PEFT itself
-        ("import peft_locas.layer; import peft_locas.model", False),  # a tuner module first: waits for model
-        ("from peft_locas.config import LocasConfig", False),  # the config first (what `peft-locas memorize` does)
+        ("from peft_locas.engine.memorization import memorize", False),  # a module that imports PEFT itself
+        (
+            "import peft_locas.tuner.layer; import peft_locas.tuner.model",
+            False,
+        ),  # a tuner module first: waits for model
+        (
+            "from peft_locas.tuner.config import LocasConfig",
+            False,
+        ),  # the config first (what `peft-locas memorize` does)
         ("from peft_locas import LocasConfig", False),  # a public name
         ("import peft_locas; " + PROBE + "import peft", False),  # a spec probe before the import
         ("import peft", True),  # no import of peft_locas: the .pth hook

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from tiny_models import VOCAB, tiny_model
 
 from peft_locas import LocasConfig
-from peft_locas.checkpointing import CheckpointError, latest_checkpoint
-from peft_locas.chunking import Window, chunk_windows
-from peft_locas.memorization import MemorizeConfig, evaluate, memorize, templora_config
-from peft_locas.results import MemorizeResult
+from peft_locas.engine.checkpointing import CheckpointError, latest_checkpoint
+from peft_locas.engine.chunking import Window, chunk_windows
+from peft_locas.engine.memorization import MemorizeConfig, evaluate, memorize, templora_config
+from peft_locas.engine.results import MemorizeResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,9 +13,9 @@ from tiny_checkpoint import WORDS, tiny_tokenizer
 from tokenizers import processors
 
 from peft_locas import LocasConfig
-from peft_locas.checkpointing import CheckpointError
-from peft_locas.chunking import Window, chunk_windows, text_and_boundaries
-from peft_locas.memorization import MemorizeConfig, evaluate, memorize
+from peft_locas.engine.checkpointing import CheckpointError
+from peft_locas.engine.chunking import Window, chunk_windows, text_and_boundaries
+from peft_locas.engine.memorization import MemorizeConfig, evaluate, memorize
 from peft_locas.recall.dialogue import Conversation, Session, Turn, render_conversation, turn_spans
 
 pytestmark = pytest.mark.usefixtures("one_thread")

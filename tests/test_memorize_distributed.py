@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tiny_models import VOCAB, tiny_model
 
 from peft_locas import LocasConfig
-from peft_locas.memorization import MemorizeConfig, evaluate, memorize
+from peft_locas.engine.memorization import MemorizeConfig, evaluate, memorize
 
 TESTS = Path(__file__).parent
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_locas import LocasConfig
 from peft_locas.assets import book_path, default_model_dir
-from peft_locas.memorization import MemorizeConfig, memorize
+from peft_locas.engine.memorization import MemorizeConfig, memorize
 
 MODEL_DIR = default_model_dir()
 BOOK = book_path("alice_in_wonderland")

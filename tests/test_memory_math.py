@@ -7,7 +7,7 @@ from peft import get_peft_model
 from tiny_models import GLU_FAMILIES, MLP_FAMILIES, WIDTH, tiny_model
 
 from peft_locas import LocasConfig, LocasLayer
-from peft_locas.blocks import find_block_kind
+from peft_locas.weights.blocks import find_block_kind
 
 
 def _first_layer(peft_model) -> LocasLayer:

@@ -88,7 +88,7 @@ def test_merge_adapter_in_place_matches_and_unmerge_restores(family):
 def test_mixed_width_model_refuses_vanilla_export():
     model = tiny_model("llama")
     narrow = model.model.layers[0].mlp
-    from peft_locas.blocks import find_block_kind
+    from peft_locas.weights.blocks import find_block_kind
 
     find_block_kind(narrow).keep_first_units(narrow, WIDTH - 8)
     peft_model = get_peft_model(model, LocasConfig(r=4))

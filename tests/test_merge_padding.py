@@ -17,8 +17,8 @@ from tiny_models import CONFIGS, WIDTH, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 from peft_locas import LocasConfig, LocasLayer, cli
-from peft_locas.blocks import find_block_kind
-from peft_locas.memorization import templora_config
+from peft_locas.engine.memorization import templora_config
+from peft_locas.weights.blocks import find_block_kind
 
 R = 16  # 128 + 16 = 144: like SmolLM2's 1536 + 16 = 1552, not a whole number of 32-wide GGUF blocks
 

@@ -9,8 +9,8 @@ from peft import PeftModel, get_peft_model
 from tiny_models import HIDDEN, tiny_model, tokens
 
 from peft_locas import LocasConfig, LocasLayer, compress_locas_memory, init_locas_weights
-from peft_locas.blocks import Units
 from peft_locas.init.nlsvd import nlsvd
+from peft_locas.weights.blocks import Units
 
 
 def _layers(model) -> list[LocasLayer]:

@@ -184,7 +184,7 @@ def test_dequantized_export_is_a_float_checkpoint(saved_bases, tmp_path, family,
 
 def test_unsupported_quantized_layer_trains_but_refuses_to_merge():
     """A layer type that can be read (dequantized) but not re-quantized, standing in for GPTQ/AWQ-like schemes."""
-    from peft_locas.projections import ProjectionWeights, is_quantized, read_projection
+    from peft_locas.weights.projections import ProjectionWeights, is_quantized, read_projection
 
     class FrozenQuantLinear(torch.nn.Module):
         def __init__(self, weight):

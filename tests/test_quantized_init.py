@@ -9,7 +9,7 @@ from quantized_bases import load
 from tiny_models import tokens
 
 from peft_locas import LocasConfig, LocasLayer, get_locas_init_state, init_locas_weights
-from peft_locas.projections import read_projection
+from peft_locas.weights.projections import read_projection
 
 pytest.importorskip("bitsandbytes")
 

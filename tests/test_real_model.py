@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from peft_locas import LocasConfig
 from peft_locas.assets import book_path, default_model_dir
-from peft_locas.blocks import units_output
+from peft_locas.weights.blocks import units_output
 
 MODEL_DIR = default_model_dir()
 BOOK = book_path("pride_and_prejudice")

@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM
 import peft_locas
 from peft_locas import LocasConfig, LocasModel
 from peft_locas._hook import AUTOLOAD_FINDER, NO_AUTOLOAD_ENV
-from peft_locas.model_card import MARKER
-from peft_locas.registration import LEGACY_PEFT_TYPE_VALUES, LOCAS_PEFT_TYPE_VALUE
+from peft_locas.tuner.model_card import MARKER
+from peft_locas.tuner.registration import LEGACY_PEFT_TYPE_VALUES, LOCAS_PEFT_TYPE_VALUE
 
 REPO = Path(__file__).resolve().parents[1]
 PTH = "peft_locas_autoload.pth"
@@ -90,7 +90,7 @@ def test_legacy_peft_type_is_an_alias_not_a_member():
 
 def test_reimport_and_reload_are_idempotent():
     members_before, configs_before = list(PeftType), len(PEFT_TYPE_TO_CONFIG_MAPPING)
-    importlib.reload(importlib.import_module("peft_locas.registration"))
+    importlib.reload(importlib.import_module("peft_locas.tuner.registration"))
     reloaded = importlib.reload(peft_locas)
     assert list(PeftType) == members_before
     assert len(PEFT_TYPE_TO_CONFIG_MAPPING) == configs_before
@@ -134,7 +134,9 @@ def test_enum_extension_on_each_python(version, tmp_path):
         pytest.skip(f"no Python {version} interpreter on this machine")
     script = tmp_path / "check.py"
     script.write_text(ENUM_CHECK)
-    done = subprocess.run([str(exe), str(script), str(REPO / "peft_locas/_enum.py")], capture_output=True, text=True)
+    done = subprocess.run(
+        [str(exe), str(script), str(REPO / "peft_locas/tuner/_enum.py")], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok")
 

@@ -16,11 +16,11 @@ from tiny_checkpoint import make_checkpoint, sample_text, tiny_tokenizer
 from tiny_checkpoint import tiny_llama as llama
 
 from peft_locas import LocasConfig, cli
-from peft_locas.checkpointing import CheckpointError
-from peft_locas.chunking import chunk_windows
 from peft_locas.distributed import Ranks
-from peft_locas.memorization import MemorizeConfig, memorize, templora_config
-from peft_locas.objectives import TeacherTargets
+from peft_locas.engine.checkpointing import CheckpointError
+from peft_locas.engine.chunking import chunk_windows
+from peft_locas.engine.memorization import MemorizeConfig, memorize, templora_config
+from peft_locas.engine.objectives import TeacherTargets
 from peft_locas.recall import self_study
 from peft_locas.recall.asking import Asker
 from peft_locas.recall.self_study import (

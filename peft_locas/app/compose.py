@@ -1,5 +1,5 @@
 """``peft-locas compose``: several memories (e.g. one per book) into one adapter whose output is exactly their
-weighted sum (`peft_locas.composition`), to use or merge as any memory."""
+weighted sum (`peft_locas.tuner.composition`), to use or merge as any memory."""
 
 from __future__ import annotations
 

@@ -126,7 +126,9 @@ def context_text(args: argparse.Namespace, tokenizer: Any, positions: int | None
         text, what = read_source(args.context, args.sample, flag="--context").text, args.context
     elif args.context_tokens:
         sources, max_tokens = _memorised_source(_record_folder(args))
-        from ..chunking import documents_text  # several texts were memorised as one, joined as memorize joins them
+        from ..engine.chunking import (
+            documents_text,  # several texts were memorised as one, joined as memorize joins them
+        )
 
         whole = sources[0].text if len(sources) == 1 else documents_text([s.memorized for s in sources])[0]
         text, what = _memorised_text(tokenizer, whole, max_tokens), "the memorised text"

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         adapter_config(args.adapter)
     folder = model_dir(args.model, args.adapter)
 
-    from ..memorization import evaluate
+    from ..engine.memorization import evaluate
     from .loading import load, load_adapter
     from .memorize import summary_table
 

@@ -159,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
     memorized = sources[0].memorized if len(sources) == 1 else [source.memorized for source in sources]
     label = args.text[0] if len(args.text) == 1 and Path(args.text[0]).is_dir() else "+".join(s.label for s in sources)
 
-    from ..config import LocasConfig
-    from ..memorization import MemorizeConfig, memorize, templora_config
+    from ..engine.memorization import MemorizeConfig, memorize, templora_config
+    from ..tuner.config import LocasConfig
     from .loading import load, load_adapter, load_tokenizer
     from .run_log import RunLog, plan_line
 
@@ -271,7 +271,7 @@ def results_record(
 
 def write_records(folder: Path, record: dict[str, Any], result: Any, label: str, checkpoint_dir: Path | None) -> None:
     """Beside a saved adapter: its results record, its loss plot and the run's per-chunk log (when there is one)."""
-    from ..plotting import plot_losses
+    from ..engine.plotting import plot_losses
     from .run_log import CHUNK_LOG
 
     (folder / RESULTS_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
@@ -331,7 +331,7 @@ def _check_width(folder: Path, r: int, adapter_type: str) -> None:
 
 def _plan(tokenizer: Any, memorized: Any, args: argparse.Namespace, label: str | None = None) -> tuple[int, int]:
     """The token and chunk counts, so that a text too short for one chunk is refused before the model loads."""
-    from ..chunking import chunk_windows, tokens_and_boundaries
+    from ..engine.chunking import chunk_windows, tokens_and_boundaries
 
     ids, starts = tokens_and_boundaries(tokenizer, memorized, args.max_tokens)
     if len(ids) < args.chunk_tokens and len(ids) == args.max_tokens:  # the text is longer: the cut is what is short

@@ -1,6 +1,6 @@
 """``peft-locas memorize --separate``: several texts, each into its own Locas memory, trained side by side in one
-batched run (`peft_locas.batched_memorization`). ``--out`` is a library: one adapter folder per text, named after it,
-each what a single-text ``memorize`` writes (adapter, model card, ``memorize_results.json``, loss plot,
+batched run (`peft_locas.engine.batched_memorization`). ``--out`` is a library: one adapter folder per text, named after
+it, each what a single-text ``memorize`` writes (adapter, model card, ``memorize_results.json``, loss plot,
 ``chunks.jsonl``), so ``ask``, ``eval`` and ``merge`` take each one as they take any memory, and ``ask --memory OUT``
 serves them all. A later run into the same ``--out`` adds its memories beside the ones there."""
 
@@ -74,7 +74,7 @@ def run_separate(
     """Memorise ``sources[b]`` into memory ``names[b]`` and write ``--out/<name>/`` for each (each atomically: a
     memory is complete or absent); ``num_chunks`` are the texts' chunk counts (the longest text's log prints the time
     left)."""
-    from ..memorization import memorize
+    from ..engine.memorization import memorize
     from .memorize import summary_table
     from .run_log import RunLog
 

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     config = adapter_config(args.adapter)
     folder = model_dir(args.model, args.adapter)
 
-    from ..config import LocasConfig
+    from ..tuner.config import LocasConfig
     from .loading import load, load_adapter
 
     if args.dequantize and not isinstance(config, LocasConfig):
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _mlp_width(model) -> int | None:
     """The intermediate size of the model's MLP blocks (the widest, should they differ), ``None`` without any."""
-    from ..model import iter_mlp_blocks
+    from ..tuner.model import iter_mlp_blocks
 
     widths = [kind.width(module) for _, module, kind in iter_mlp_blocks(model)]
     return max(widths, default=None)

@@ -25,9 +25,9 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..blocks import Units
 from ..distributed import Ranks
-from ..layer import LocasLayer
+from ..tuner.layer import LocasLayer
+from ..weights.blocks import Units
 from .gradients import gradient_slots
 from .keys import activation_key_memories
 from .statistics import unit_activity

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..blocks import Units
-from ..layer import LocasLayer
+from ..tuner.layer import LocasLayer
+from ..weights.blocks import Units
 from .stream import Stream, target_mask
 from .units import normalize_rows
 

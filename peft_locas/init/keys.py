@@ -7,8 +7,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..blocks import Units
-from ..layer import LocasLayer
+from ..tuner.layer import LocasLayer
+from ..weights.blocks import Units
 from .nlsvd import principal_keys
 from .stream import Stream
 from .units import normalize_rows

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from peft import PeftModel
 
-from ..blocks import Units
+from ..weights.blocks import Units
 from .writing import locas_config, locas_layers, write_locas_memories
 
 

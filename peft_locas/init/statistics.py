@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..layer import LocasLayer
-from ..offload import execution_device
+from ..tuner.layer import LocasLayer
+from ..weights.offload import execution_device
 from .stream import Stream
 
 

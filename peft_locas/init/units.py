@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..blocks import Units
+from ..weights.blocks import Units
 
 
 def normalize_rows(weight: torch.Tensor) -> torch.Tensor:

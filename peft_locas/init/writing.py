@@ -14,10 +14,10 @@ from collections.abc import Mapping
 import torch
 from peft import PeftModel
 
-from ..blocks import Units
-from ..config import LocasConfig
-from ..layer import LocasLayer
-from ..memory import LocasMemory
+from ..tuner.config import LocasConfig
+from ..tuner.layer import LocasLayer
+from ..weights.blocks import Units
+from ..weights.memory import LocasMemory
 
 
 def locas_config(peft_model: PeftModel, adapter_name: str) -> LocasConfig:

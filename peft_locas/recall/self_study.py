@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ..objectives import TeacherTargets, kl_divergence
+from ..engine.objectives import TeacherTargets, kl_divergence
 from .asking import Asker
 from .prefix_cache import PrefixCache, accepts_argument, end_of_sequence_ids
 from .prompts import memory_instruction

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .init.units import clip_rows_
+from ..init.units import clip_rows_
 
 
 def is_zero_managed(parameter: torch.Tensor) -> bool:

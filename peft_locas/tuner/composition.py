@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .blocks import Units
+from ..weights.blocks import Units
 from .config import LocasConfig
 from .layer import LocasLayer
 

@@ -9,8 +9,8 @@ memory that has not yet seen it, so the perplexity measures what the memory carr
 short attention window. The same loop trains a LoRA adapter (the TempLoRA baseline) on identical chunks and prefixes.
 
 Training follows ``MemorizeConfig.objective``: next-token prediction on the chunk (TempLoRA's), or self-distillation
-from the same model without the memory reading a long window of the text (`peft_locas.objectives`). Scoring is always
-the prequential next-token loss with the short window, so perplexities compare across objectives.
+from the same model without the memory reading a long window of the text (`peft_locas.engine.objectives`). Scoring is
+always the prequential next-token loss with the short window, so perplexities compare across objectives.
 
 A conversation (`peft_locas.recall.dialogue.Conversation`) is memorised as its rendered text, and its chunks begin at
 the start of a session header or a turn, so a turn's speaker is never split from what they said (`chunk_windows`).
@@ -45,16 +45,16 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
+from ..distributed import Ranks
+from ..init.data import METHODS, init_locas_weights
+from ..tuner.config import LocasConfig
 from .checkpointing import adapter_settings, fingerprint, load_checkpoint, save_checkpoint
 from .chunking import Window, chunk_windows, is_conversation, tokens_and_boundaries
-from .config import LocasConfig
-from .distributed import Ranks
-from .init.data import METHODS, init_locas_weights
 from .objectives import OBJECTIVES, TeacherTargets, model_positions, next_token_loss
 from .results import MemorizeResult
 
 if TYPE_CHECKING:
-    from .recall.dialogue import Conversation
+    from ..recall.dialogue import Conversation
 
 #: optimiser settings left unset in ``MemorizeConfig``, per adapter type: the paper's GLU memory learning rate, and
 #: TempLoRA's public recipe (AdamW, eps 1e-7, constant schedule after 2 warm-up steps)
@@ -83,7 +83,7 @@ class MemorizeConfig:
         context_tokens: preceding tokens given to each chunk as an attention prefix (no loss on it); the memory has
             to carry everything further back.
         steps_per_chunk: optimiser steps on each chunk after scoring it (0 scores only).
-        objective: what each step minimises (`peft_locas.objectives`): ``"ntp"``, the chunk's next-token loss, or
+        objective: what each step minimises (`peft_locas.engine.objectives`): ``"ntp"``, the chunk's next-token loss, or
             ``"distill"``, the mean ``KL(teacher || student)`` of next-token distributions over the chunk's scored
             positions, where the teacher is the model without the adapter reading the chunk after a long window of
             the text (computed once per chunk, before its steps, without gradients) and the student is the model
@@ -236,8 +236,8 @@ def memorize(
     """Memorise a text into an adapter by the score-then-train protocol (see the module docstring).
 
     With ``adapter_names``, ``text_or_token_ids`` is a list of texts, each memorised into its own Locas adapter, all
-    in one batched run (`peft_locas.batched_memorization.memorize_batch`, which documents that form and returns one
-    result per text); without it, a list of texts is one text of several documents.
+    in one batched run (`peft_locas.engine.batched_memorization.memorize_batch`, which documents that form and returns
+    one result per text); without it, a list of texts is one text of several documents.
 
     Args:
         model: a ``PeftModel`` with a Locas or LoRA adapter named ``config.adapter_name``, or a base model, which is
@@ -295,7 +295,7 @@ def memorize(
             raise ValueError(
                 "memorize: self-study runs in a single process: set self_study_questions=0 under torch.distributed"
             )
-        from .recall.self_study import SelfStudy
+        from ..recall.self_study import SelfStudy
 
         study = SelfStudy(
             peft_model,

@@ -60,7 +60,7 @@ def units_output(units: Units, x: torch.Tensor, activation: Callable[[torch.Tens
 
 
 def is_projection(module: object) -> bool:
-    """Whether ``module`` is a layer whose weights `peft_locas.projections` can read."""
+    """Whether ``module`` is a layer whose weights `peft_locas.weights.projections` can read."""
     return isinstance(module, nn.Module) and read_projection.dispatch(type(module)) is not read_projection.dispatch(
         object
     )

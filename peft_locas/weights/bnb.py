@@ -1,7 +1,7 @@
 """bitsandbytes 4-bit (NF4/FP4) and 8-bit projections: dequantize to read, re-quantize with the same settings to
 rewrite, and restore the original quantized weights exactly on unmerge.
 
-Importing this module registers the implementations with `peft_locas.projections`; the package does so when
+Importing this module registers the implementations with `peft_locas.weights.projections`; the package does so when
 bitsandbytes is installed.
 """
 

@@ -5,10 +5,10 @@ data-driven initialisation from its first chunk and its own AdamW state. Each ro
 contributes its next window as one row of a batch: rows are right-padded to the longest (causal attention, so a row's
 tokens never attend to the padding after them: no attention mask is needed and a row's logits are those of the
 unpadded window), and `LocasModel.routing` sends row ``b`` through memory ``b`` in the forward and the backward, the
-memories running stacked (`peft_locas.memory.stacked_output`). The training loss is the sum over rows of each row's
-mean loss; the memories share no parameter, so each one's gradient is exactly its own text's. Then every memory takes
-its own optimiser step and clips its own rows. A text that ends drops out of later rounds. Distillation teachers are
-computed one text at a time (a teacher reads up to the model's whole window; batching them would multiply that peak
+memories running stacked (`peft_locas.weights.memory.stacked_output`). The training loss is the sum over rows of each
+row's mean loss; the memories share no parameter, so each one's gradient is exactly its own text's. Then every memory
+takes its own optimiser step and clips its own rows. A text that ends drops out of later rounds. Distillation teachers
+are computed one text at a time (a teacher reads up to the model's whole window; batching them would multiply that peak
 by the number of texts).
 
 So each memory, its losses and its checkpoints are those of a separate single-text `memorize()` run with the same
@@ -33,14 +33,14 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
+from ..distributed import Ranks
+from ..init.data import init_locas_weights
+from ..tuner.config import LocasConfig
+from ..tuner.registration import LOCAS_PREFIX
 from .checkpointing import load_checkpoint, save_checkpoint
 from .chunking import Window, chunk_windows, tokens_and_boundaries
-from .config import LocasConfig
-from .distributed import Ranks
-from .init.data import init_locas_weights
 from .memorization import MemorizeConfig, _Reader, _Update, fuses_scoring, run_fingerprint_of
 from .objectives import OBJECTIVES, TeacherTargets, model_positions, next_token_loss
-from .registration import LOCAS_PREFIX
 from .results import MemorizeResult
 
 #: the batch's padding id: any valid token works, since padding only ever follows a row's tokens (causal attention)

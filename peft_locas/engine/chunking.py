@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .recall.dialogue import Conversation
+    from ..recall.dialogue import Conversation
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def documents_text(documents: Sequence[str | Conversation]) -> tuple[str, list[i
     """Documents memorised in order as one text: their texts (a conversation's ``render_conversation``) joined by
     `DOCUMENT_SEPARATOR`, and the character offset where each unit starts (each document, and in a conversation each
     session header and turn). Raises ``ValueError`` for an empty sequence."""
-    from .recall.dialogue import Conversation, render_conversation, turn_spans
+    from ..recall.dialogue import Conversation, render_conversation, turn_spans
 
     if not documents:
         raise ValueError("memorize: no document to memorise (an empty sequence)")
@@ -152,7 +152,7 @@ def token_ids(
 def tokens_and_boundaries(tokenizer: Any, source: Any, max_tokens: int | None) -> tuple[list[int], list[int] | None]:
     """Token ids cut to ``max_tokens``, and the unit starts for a conversation or a sequence of documents (texts and
     conversations, `documents_text`); ``None`` for one text or token ids."""
-    from .recall.dialogue import Conversation
+    from ..recall.dialogue import Conversation
 
     documents = _is_documents(source)
     if not documents and not isinstance(source, Conversation):
@@ -168,7 +168,7 @@ def tokens_and_boundaries(tokenizer: Any, source: Any, max_tokens: int | None) -
 def is_conversation(source: Any) -> bool:
     """Whether what `memorize()` reads is a conversation, or documents that are all conversations (a text, token ids
     or documents with a text among them are not): it picks the instruction the memory is asked with."""
-    from .recall.dialogue import Conversation
+    from ..recall.dialogue import Conversation
 
     if _is_documents(source):
         return all(isinstance(item, Conversation) for item in source)
@@ -176,7 +176,7 @@ def is_conversation(source: Any) -> bool:
 
 
 def _is_documents(source: Any) -> bool:
-    from .recall.dialogue import Conversation
+    from ..recall.dialogue import Conversation
 
     return (
         isinstance(source, (list, tuple))

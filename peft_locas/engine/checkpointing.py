@@ -28,7 +28,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .distributed import Ranks
+from ..distributed import Ranks
 
 FORMAT = 1
 _PREFIX = "chunk-"

@@ -12,14 +12,14 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
-from . import _hook
-from .blocks import BlockKind, find_block_kind, supported_layouts
+from .. import _hook
+from ..init.units import check_cloning_width
+from ..weights.blocks import BlockKind, find_block_kind, supported_layouts
+from ..weights.export import check_pad_to_multiple_of, dequantize_base_model, make_block_widths_uniform
+from ..weights.offload import execution_device
+from ..weights.projections import protect_layout_
 from .config import LocasConfig
-from .export import check_pad_to_multiple_of, dequantize_base_model, make_block_widths_uniform
-from .init.units import check_cloning_width
 from .layer import LocasLayer
-from .offload import execution_device
-from .projections import protect_layout_
 from .registration import LOCAS_PREFIX
 
 
@@ -154,8 +154,8 @@ class LocasModel(BaseTuner):
     def routing(self, adapter_names: list[str] | tuple[str, ...]) -> Iterator[None]:
         """Within the block, every forward (and ``generate``) routes sample ``i`` of the batch through the adapter
         ``adapter_names[i]`` names, in training mode too: `_enable_peft_forward_hooks`'s mixed batch, for training
-        loops that give each sample its own memory (`peft_locas.batched_memorization`). Gradients reach each memory
-        from its own samples only.
+        loops that give each sample its own memory (`peft_locas.engine.batched_memorization`). Gradients reach each
+        memory from its own samples only.
 
         Raises:
             ValueError: a name that is no adapter (PEFT's text); the layers raise PEFT's errors for a length that is not
@@ -196,7 +196,7 @@ class LocasModel(BaseTuner):
         self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "cat"
     ) -> None:
         """Compose memories exactly into ``adapter_name``: their units side by side, memory i's output scaled by
-        ``weights[i]`` (PEFT's ``combination_type="cat"``); see `peft_locas.composition.add_weighted_adapter`."""
+        ``weights[i]`` (PEFT's ``combination_type="cat"``); see `peft_locas.tuner.composition.add_weighted_adapter`."""
         from .composition import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type)

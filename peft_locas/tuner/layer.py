@@ -10,12 +10,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .blocks import BlockKind, Units
+from ..init.units import auto_tau, data_free_memory
+from ..weights.blocks import BlockKind, Units
+from ..weights.memory import LocasMemory, stacked_output
+from ..weights.offload import execution_device
+from ..weights.projections import projection_size
 from .config import LocasConfig
-from .init.units import auto_tau, data_free_memory
-from .memory import LocasMemory, stacked_output
-from .offload import execution_device
-from .projections import projection_size
 
 
 class LocasLayer(nn.Module, BaseTunerLayer):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..init.units import clip_rows_
 from .blocks import Units
-from .init.units import clip_rows_
 from .zero import clip_zero_rows_, is_zero_managed
 
 
@@ -84,7 +84,7 @@ class LocasMemory(nn.Module):
 
     def clip_(self, max_norm: float) -> None:
         """Project each gate/key/value row onto the L2 ball of radius ``max_norm`` (in place); under DeepSpeed ZeRO,
-        also the optimiser's master rows (`peft_locas.zero`), a collective operation."""
+        also the optimiser's master rows (`peft_locas.weights.zero`), a collective operation."""
         for rows in (self.gate, self.key, self.value):
             if rows is not None and is_zero_managed(rows):
                 clip_zero_rows_(rows, max_norm)

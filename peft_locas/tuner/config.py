@@ -7,7 +7,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from . import _hook
+from .. import _hook
 from .registration import LOCAS_PEFT_TYPE
 
 VARIANTS = ("auto", "glu", "mlp")
@@ -120,5 +120,6 @@ class LocasConfig(PeftConfig):
             )
 
 
-# a root of the tuner's import closure, like peft_locas.model: finishes a registration the import hook had to postpone
+# a root of the tuner's import closure, like peft_locas.tuner.model: finishes a registration the import hook had to
+# postpone
 _hook.register_if_pending()
