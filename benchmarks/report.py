@@ -206,6 +206,29 @@ def batch_memorize_table(result: dict[str, Any]) -> str:
     )
 
 
+def asking_table(result: dict[str, Any]) -> str:
+    """Asking many questions about one context: each method's prefill, questions and total time, and its ratio to
+    ``generate`` on the whole prompt per question."""
+    columns = {
+        "method": lambda method: f"`{method}`",
+        "prefill_s": fixed(1),
+        "questions_s": fixed(2),
+        "total_s": fixed(1),
+        "cpu_s": fixed(1),
+        "range_s": fixed(2),
+        "vs_generate": ratio,
+        "cpu_vs_generate": ratio,
+    }
+    return (
+        source_line(result, "asking")
+        + f"\n{result['tokens']:,} tokens of context, {len(result['questions'])} questions, answers of at most "
+        + f"{result['new_tokens']} tokens, {result['rounds']} interleaved rounds (medians; an `Asker`'s total includes "
+        + "its one prefill; ratios to `generate`'s total, round by round). Every method's answers equal `generate`'s."
+        + "\n\n"
+        + table(result["rows"], columns)
+    )
+
+
 def profile_step_table(result: dict[str, Any]) -> str:
     """Where a memorisation step's time goes, and which weight gradients its backward computes."""
     lines = [
@@ -544,6 +567,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "profile_step": profile_step_table,
     "steps_pareto": steps_pareto_tables,
     "long_read": long_read_table,
+    "asking": asking_table,
 }
 
 
