@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from .asking import Answer, Asker
+from .attention import grouped_query_attention
 
 #: PEFT's name for "no adapter" in ``adapter_names``
 BASE = "__base__"
@@ -91,16 +92,18 @@ def _generate(prompts: Sequence[torch.Tensor], adapters: Sequence[str], limit: i
     was_training = asker.model.training
     asker.model.eval()
     try:
-        output = asker.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            adapter_names=list(adapters),
-            max_new_tokens=limit,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=asker.eos_token_ids or None,
-            pad_token_id=pad,
-        )
+        # grouped-query heads are not repeated under the padding mask (`peft_locas.recall.attention`)
+        with grouped_query_attention(asker.model):
+            output = asker.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                adapter_names=list(adapters),
+                max_new_tokens=limit,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=asker.eos_token_ids or None,
+                pad_token_id=pad,
+            )
     finally:
         asker.model.train(was_training)
     return [_until_eos(row[longest:].tolist(), asker.eos_token_ids) for row in output]
