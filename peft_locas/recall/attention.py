@@ -183,9 +183,10 @@ def gqa_sdpa_attention(
 
     With a shared-prefix cache: `shared_prefix_attention` when every row sees the whole prefix (the batched asking's
     layout: pads sit after the prefix); otherwise the prefix is repeated to the rows and this continues as without one.
-    Without: ``scaled_dot_product_attention(..., enable_gqa=True)`` where a mask is given; what that does not cover
-    (no mask: a causal prefill or a decoding step; soft-capping, attention sinks, position biases, sliding windows,
-    paged caches, dropout) goes to ``transformers``' own ``sdpa`` function.
+    Without: ``scaled_dot_product_attention(..., enable_gqa=True)`` where a mask is given on the CPU; the rest (no
+    mask: a causal prefill or a decoding step; CUDA, where a mask sends ``enable_gqa`` to the math kernel;
+    soft-capping, attention sinks, position biases, sliding windows, paged caches, dropout) goes to ``transformers``'
+    own ``sdpa`` function.
 
     Raises:
         RuntimeError: the shared-prefix layer holds another number of tokens than ``key`` (a model whose attention
@@ -210,7 +211,8 @@ def gqa_sdpa_attention(
             )
             return output, None
         key, value = layer.materialised(key, value)
-    grouped = _HAS_ENABLE_GQA and key.shape[1] != query.shape[1]
+    # on CUDA a mask with enable_gqa falls back to SDPA's math kernel: transformers' own choice is the better one there
+    grouped = _HAS_ENABLE_GQA and key.shape[1] != query.shape[1] and query.device.type == "cpu"
     if attention_mask is None or delegated or not grouped:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
