@@ -17,6 +17,7 @@ from peft_locas import cli
 from peft_locas.app.context import QUESTION_ROOM
 from peft_locas.app.inputs import read_source
 from peft_locas.recall.asking import Asker, fit_context
+from peft_locas.recall.metrics import locomo_f1
 
 SMALL = ["--chunk-tokens", "64", "--context-tokens", "16", "--r", "8", "--steps-per-chunk", "1", "--lr", "1e-2"]
 WORDS = "the cat sat on a mat and the dog ran to see what the bird had said about it".split()
@@ -93,14 +94,19 @@ def test_memorize_records_the_conversation(run):
 def test_ask_answers_as_the_python_helper_does(run, tmp_path):
     questions = tmp_path / "questions.jsonl"
     rows = [{"question": "Who sat on the mat?", "answer": "the cat", "category": 4}, {"question": "What ran?"}]
+    rows.append({"question": "What did the dog paint?", "category": 5, "adversarial_answer": "a sunrise"})
     questions.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     args = ["--model", str(run["model"]), "--adapter", str(run["adapter"]), "--max-new-tokens", "6"]
     done = peft_locas("ask", *args, "--question", "Where is the dog?", "--questions", str(questions))
     assert done.returncode == 0, done.stderr[-3000:]
     answers = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [a["question"] for a in answers] == ["Where is the dog?", "Who sat on the mat?", "What ran?"]
+    assert [a["question"] for a in answers] == ["Where is the dog?", *(row["question"] for row in rows)]
     assert answers[1]["gold"] == "the cat" and answers[1]["category"] == 4 and 0 <= answers[1]["f1"] <= 1
     assert "gold" not in answers[0] and all(1 <= a["new_tokens"] <= 6 for a in answers)
+    # an adversarial question: no gold answer, its tempting wrong one under its own name, scored by LoCoMo's rule
+    adversarial = answers[3]
+    assert adversarial["gold"] is None and adversarial["adversarial_answer"] == "a sunrise"
+    assert adversarial["f1"] == locomo_f1(adversarial["answer"], None, 5)
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run["model"]), run["adapter"])
     asker = Asker(model, AutoTokenizer.from_pretrained(run["model"]), max_new_tokens=6)

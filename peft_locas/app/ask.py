@@ -84,9 +84,13 @@ def run(args: argparse.Namespace) -> int:
                 line["memory"] = str(args.memory[memory])
             if question.category is not None:
                 line["category"] = question.category
-            gold = question.answer if question.answer is not None else question.extra.get("adversarial_answer")
+            gold = question.answer
             if gold is not None or question.category == 5:
+                # LoCoMo's adversarial questions (5) have no gold answer: the right one says it is not mentioned;
+                # their tempting wrong answer is kept apart so that nobody reads it as the gold one
                 line["gold"] = gold
+                if "adversarial_answer" in question.extra:
+                    line["adversarial_answer"] = question.extra["adversarial_answer"]
                 line["f1"] = (
                     locomo_f1(answer.text, gold, question.category)
                     if question.category is not None

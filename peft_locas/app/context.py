@@ -30,15 +30,15 @@ def add_asking_options(parser: argparse.ArgumentParser) -> None:
     context.add_argument(
         "--context",
         default=None,
-        help="a text or conversation file, or a prepared book's name, put before every question (its end, from a "
-        "line start, if it is too long)",
+        help="a text or conversation file, or a prepared book's name, put before every question (its end if it is "
+        "too long; the cut moves to a line start when one is near)",
     )
     context.add_argument(
         "--context-tokens",
         type=int_at_least(0),
         default=None,
-        help="the last N tokens of the text the adapter (or a merged --model folder) memorised, from a line start, "
-        "put before every question",
+        help="the last N tokens (at most) of the text the adapter (or a merged --model folder) memorised, put before "
+        "every question; the cut moves to a line start when one is near",
     )
     parser.add_argument("--sample", default=None, help="the sample_id to take from LoCoMo files (default: the first)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="longest answer, in tokens")
