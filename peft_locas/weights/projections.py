@@ -96,12 +96,18 @@ def can_rewrite(layer: nn.Module) -> bool:
     return write_projection.dispatch(type(layer)) is not write_projection.dispatch(object)
 
 
+def _read(layer: nn.Module, weight: Callable[[nn.Module], torch.Tensor]) -> ProjectionWeights:
+    """``weight(layer)`` (the ``(out, in)`` view of its weight) and its bias; an offloaded layer's are loaded back as
+    accelerate's hook does and copied before it puts them away again."""
+    if is_offloaded(layer):
+        with onloaded(layer):
+            return ProjectionWeights(weight(layer).clone(), None if layer.bias is None else layer.bias.clone())
+    return ProjectionWeights(weight(layer), layer.bias)
+
+
 @read_projection.register
 def _(layer: nn.Linear) -> ProjectionWeights:
-    if is_offloaded(layer):  # loaded back as accelerate's hook does, copied before it puts them away again
-        with onloaded(layer):
-            return ProjectionWeights(layer.weight.clone(), None if layer.bias is None else layer.bias.clone())
-    return ProjectionWeights(layer.weight, layer.bias)
+    return _read(layer, lambda linear: linear.weight)
 
 
 @write_projection.register
@@ -114,10 +120,7 @@ def _(layer: nn.Linear, weights: ProjectionWeights) -> None:
 
 @read_projection.register
 def _(layer: Conv1D) -> ProjectionWeights:
-    if is_offloaded(layer):
-        with onloaded(layer):
-            return ProjectionWeights(layer.weight.T.clone(), None if layer.bias is None else layer.bias.clone())
-    return ProjectionWeights(layer.weight.T, layer.bias)
+    return _read(layer, lambda conv: conv.weight.T)  # Conv1D stores (in, out)
 
 
 @write_projection.register
