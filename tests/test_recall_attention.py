@@ -4,6 +4,8 @@ and the model's attention implementation is switched back afterwards."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import transformers as tf
@@ -131,3 +133,48 @@ def test_batched_asking_keeps_the_prefix_once_and_restores_the_implementation(to
     eager = Asker(model, tokenizer, "Alice followed the white rabbit down the hole. " * 20, max_new_tokens=3)
     texts = [a.text for a in eager.ask_many(["Who ran?", "Where did Alice go?"], batch_size=2)]
     assert texts == [eager.ask(q).text for q in ["Who ran?", "Where did Alice go?"]]
+
+
+def test_contexts_nest_and_are_serialised_across_threads(tokenizer):
+    model = stopping_llama(tokenizer)
+    prefix = DynamicLayer()
+    prefix.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))
+    cache = tf.DynamicCache()
+    cache.layers = [attention.SharedPrefixLayer(prefix, rows=2, room=4)]
+    # nested in one thread: the inner context registers its cache and leaves the outer one's implementation in force
+    with attention.grouped_query_attention(model) as outer:
+        with attention.grouped_query_attention(model, cache) as inner:
+            assert outer and inner and attention._SHARED_CACHE.get() is cache
+        assert model.config._attn_implementation == attention.GQA_SDPA and attention._SHARED_CACHE.get() is None
+    assert model.config._attn_implementation == "sdpa"
+
+    # another thread waits until the first one leaves, so it never sees the implementation switched back under it
+    inside, release, order = threading.Event(), threading.Event(), []
+
+    def first():
+        with attention.grouped_query_attention(model, cache):
+            inside.set()
+            release.wait(10)
+            order.append("first leaves")
+
+    def second():
+        with attention.grouped_query_attention(model):
+            order.append(f"second enters with {model.config._attn_implementation}")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert inside.wait(10)
+    threads[1].start()
+    threads[1].join(0.5)
+    assert threads[1].is_alive() and order == []
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["first leaves", f"second enters with {attention.GQA_SDPA}"]
+    assert model.config._attn_implementation == "sdpa"
+
+    # a shared-prefix cache the model's attention cannot read is refused, not read wrongly
+    model.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match=r"^grouped_query_attention: a cache of SharedPrefixLayer needs the model's"):
+        with attention.grouped_query_attention(model, cache):
+            pass

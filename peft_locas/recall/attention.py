@@ -17,6 +17,7 @@ layers, to the shared-prefix computation.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -34,6 +35,8 @@ GQA_SDPA = "locas_gqa_sdpa"
 _DELEGATED = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window", "cache")
 # scaled_dot_product_attention's enable_gqa came with torch 2.5
 _HAS_ENABLE_GQA = torch.__version__ >= "2.5"
+# serialises `grouped_query_attention` contexts across threads
+_LOCK = threading.RLock()
 # the cache whose shared-prefix layers the current forward reads (set by `grouped_query_attention`)
 _SHARED_CACHE: ContextVar[Any] = ContextVar("locas_shared_prefix_cache", default=None)
 
@@ -228,30 +231,45 @@ AttentionMaskInterface.register(GQA_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def shares_prefix(model: torch.nn.Module) -> bool:
-    """Whether `grouped_query_attention()` is in force for ``model`` (then it reads `SharedPrefixLayer` caches)."""
+    """Whether `grouped_query_attention()` is in force for ``model`` (then it reads `SharedPrefixLayer` caches): its
+    attention is ``transformers``' ``sdpa`` (or already this module's), on torch >= 2.5, not a composite model."""
     config = _text_config(model)
-    return _HAS_ENABLE_GQA and config is not None and getattr(config, "_attn_implementation", None) == "sdpa"
+    implementation = getattr(config, "_attn_implementation", None) if config is not None else None
+    return _HAS_ENABLE_GQA and implementation in ("sdpa", GQA_SDPA)
 
 
 @contextmanager
 def grouped_query_attention(model: torch.nn.Module, cache: Any = None) -> Iterator[bool]:
     """Inside, ``model``'s attention runs `gqa_sdpa_attention` where it ran ``transformers``' ``sdpa`` (the default
-    on the CPU), and reads ``cache``'s `SharedPrefixLayer` layers (when it has them). Yields whether it is in force:
-    other implementations (eager, flash, a user's own), composite models and torch < 2.5 are left as they are, and
-    must not be given a cache of shared-prefix layers. The implementation is restored on leaving. Not for a model
-    another thread runs meanwhile.
+    on the CPU), and reads ``cache``'s `SharedPrefixLayer` layers (when it has them). Yields whether it is in force
+    (`shares_prefix`): other implementations (eager, flash, a user's own), composite models and torch < 2.5 are left
+    as they are. The implementation is restored on leaving.
+
+    Contexts are serialised across threads (a lock; nesting in one thread is fine), so one thread leaving cannot
+    switch the attention back under another's shared-prefix cache; a forward another thread runs meanwhile outside
+    such a context computes the same attention through `gqa_sdpa_attention`.
+
+    Raises:
+        ValueError: ``cache`` holds shared-prefix layers but the model's attention cannot read them.
     """
-    if not shares_prefix(model):
-        yield False
-        return
-    config = _text_config(model)
-    config._attn_implementation = GQA_SDPA
-    shared = _SHARED_CACHE.set(cache if _is_shared(cache) else None)
-    try:
-        yield True
-    finally:
-        _SHARED_CACHE.reset(shared)
-        config._attn_implementation = "sdpa"
+    with _LOCK:
+        if not shares_prefix(model):
+            if _is_shared(cache):
+                raise ValueError(
+                    "grouped_query_attention: a cache of SharedPrefixLayer needs the model's sdpa attention (torch >= "
+                    "2.5); build the cache with CopiedPrefixLayer instead."
+                )
+            yield False
+            return
+        config = _text_config(model)
+        before = config._attn_implementation
+        config._attn_implementation = GQA_SDPA
+        shared = _SHARED_CACHE.set(cache if _is_shared(cache) else None)
+        try:
+            yield True
+        finally:
+            _SHARED_CACHE.reset(shared)
+            config._attn_implementation = before
 
 
 def _is_shared(cache: Any) -> bool:
