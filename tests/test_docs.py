@@ -316,7 +316,9 @@ def test_ask_guide_commands_run(docs_env, tmp_path, monkeypatch):
         ran.append(command)
     assert {"memorize", "ask", "chat"} <= set(ran)
     answers = [json.loads(line) for line in (tmp_path / "conv26-answers.jsonl").read_text().splitlines()]
-    assert [(a["gold"], a["category"]) for a in answers] == [("Lyon", 4), ("Lyon", 5)]
+    # the adversarial question has no gold answer; its tempting wrong one is kept apart
+    gold = [(a["gold"], a.get("adversarial_answer"), a["category"]) for a in answers]
+    assert gold == [("Lyon", None, 4), (None, "Lyon", 5)]
     assert all(0 <= a["f1"] <= 1 and 1 <= a["new_tokens"] <= 4 for a in answers)
 
 
