@@ -65,7 +65,7 @@ def test_equal_to_transformers_sdpa_over_the_whole_keys(q_len, boolean):
     cache = shared_cache(prefix_keys, prefix_values, rows)
     own_keys_seen, own_values_seen = cache.layers[0].update(own_keys, own_values)
     assert cache.layers[0].get_seq_length() == prefix + own and cache.layers[0].prefix_keys.shape[0] == 1
-    token = attention._SHARED_CACHE.set(cache)
+    token = attention._SHARED_CACHE.set(attention._Sharing(cache))
     try:
         shared, _ = attention.gqa_sdpa_attention(Attention(), query, own_keys_seen, own_values_seen, mask, scaling=0.25)
         # a row that does not see the whole prefix: the prefix is repeated to the rows, same result
@@ -92,7 +92,7 @@ def test_no_mask_is_causal_over_the_rows_own_tokens():
     expected, _ = sdpa_attention_forward(Attention(), query, keys, values, masks(2, 5, 12).fill_(True).tril(7))
     cache = shared_cache(prefix_keys, prefix_values, 2)
     cache.layers[0].update(own_keys, own_values)
-    token = attention._SHARED_CACHE.set(cache)
+    token = attention._SHARED_CACHE.set(attention._Sharing(cache))
     try:
         shared, _ = attention.gqa_sdpa_attention(Attention(), query, own_keys, own_values, None)
     finally:
@@ -100,17 +100,21 @@ def test_no_mask_is_causal_over_the_rows_own_tokens():
     torch.testing.assert_close(shared, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_batched_asking_keeps_the_prefix_once_and_restores_the_implementation(tokenizer):
+def test_batched_asking_keeps_the_prefix_once_and_restores_the_implementation(tokenizer, monkeypatch):
     model = stopping_llama(tokenizer)
     assert model.config._attn_implementation == "sdpa" and attention.shares_prefix(model)
     seen = []
     real = attention.gqa_sdpa_attention
 
     def spy(module, query, key, *args, **kwargs):
-        cache = attention._SHARED_CACHE.get()
-        seen.append((query.shape[0], cache is not None and all(x.prefix_keys.shape[0] == 1 for x in cache.layers)))
+        sharing = attention._SHARED_CACHE.get()
+        shared = sharing is not None and all(x.prefix_keys.shape[0] == 1 for x in sharing.cache.layers)
+        seen.append((query.shape[0], shared))
         return real(module, query, key, *args, **kwargs)
 
+    checks = []
+    all_seen = attention._all_seen
+    monkeypatch.setattr(attention, "_all_seen", lambda mask: checks.append(mask.shape) or all_seen(mask))
     tf.AttentionInterface.register(attention.GQA_SDPA, spy)
     try:
         asker = Asker(model, tokenizer, "Alice followed the white rabbit down the hole. " * 20, max_new_tokens=3)
@@ -119,6 +123,8 @@ def test_batched_asking_keeps_the_prefix_once_and_restores_the_implementation(to
     finally:
         tf.AttentionInterface.register(attention.GQA_SDPA, real)
     assert seen and all(rows == 2 and shared for rows, shared in seen)
+    # the prefix's visibility is checked once per forward (every layer gets the same mask), not once per layer
+    assert 0 < len(checks) <= len(seen) // model.config.num_hidden_layers
     assert model.config._attn_implementation == "sdpa" and attention._SHARED_CACHE.get() is None
 
     # an error inside restores it too; another implementation is left alone and gets no shared-prefix cache
@@ -144,7 +150,7 @@ def test_contexts_nest_and_are_serialised_across_threads(tokenizer):
     # nested in one thread: the inner context registers its cache and leaves the outer one's implementation in force
     with attention.grouped_query_attention(model) as outer:
         with attention.grouped_query_attention(model, cache) as inner:
-            assert outer and inner and attention._SHARED_CACHE.get() is cache
+            assert outer and inner and attention._SHARED_CACHE.get().cache is cache
         assert model.config._attn_implementation == attention.GQA_SDPA and attention._SHARED_CACHE.get() is None
     assert model.config._attn_implementation == "sdpa"
 

@@ -37,8 +37,25 @@ _DELEGATED = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window", "c
 _HAS_ENABLE_GQA = torch.__version__ >= "2.5"
 # serialises `grouped_query_attention` contexts across threads
 _LOCK = threading.RLock()
-# the cache whose shared-prefix layers the current forward reads (set by `grouped_query_attention`)
+# the shared-prefix cache the current forward reads, as a `_Sharing` (set by `grouped_query_attention`)
 _SHARED_CACHE: ContextVar[Any] = ContextVar("locas_shared_prefix_cache", default=None)
+
+
+class _Sharing:
+    """A shared-prefix ``cache`` in use, and whether the last attention mask shows every row the whole prefix: a
+    forward hands every layer the same mask, so it is checked once per forward, not once per layer."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self._mask: torch.Tensor | None = None
+        self._seen = True
+
+    def prefix_seen(self, mask: torch.Tensor | None, prefix: int) -> bool:
+        if mask is None:
+            return True
+        if mask is not self._mask:
+            self._mask, self._seen = mask, _all_seen(mask[..., :prefix])
+        return self._seen
 
 
 class RoomLayer(DynamicLayer):
@@ -196,17 +213,16 @@ def gqa_sdpa_attention(
             changes the cache's keys before attending; ask it with ``batch_size=1``).
     """
     delegated = dropout != 0.0 or any(kwargs.get(name) is not None for name in _DELEGATED)
-    cache = _SHARED_CACHE.get()
-    if cache is not None:
-        layer = cache.layers[module.layer_idx]
+    sharing = _SHARED_CACHE.get()
+    if sharing is not None:
+        layer = sharing.cache.layers[module.layer_idx]
         if layer.keys.shape[-2] != key.shape[-2]:
             raise RuntimeError(
                 f"shared-prefix attention: layer {module.layer_idx} holds {layer.keys.shape[-2]} tokens per row but "
                 f"attends over {key.shape[-2]}; ask this model with batch_size=1."
             )
         prefix = layer.prefix_keys.shape[-2]
-        seen = attention_mask is None or _all_seen(attention_mask[..., :prefix])
-        if seen and not delegated:
+        if sharing.prefix_seen(attention_mask, prefix) and not delegated:
             own = key.shape[-2]
             own_mask = _causal(query, key) if attention_mask is None else attention_mask[..., prefix : prefix + own]
             output = shared_prefix_attention(
@@ -264,7 +280,7 @@ def grouped_query_attention(model: torch.nn.Module, cache: Any = None) -> Iterat
         config = _text_config(model)
         before = config._attn_implementation
         config._attn_implementation = GQA_SDPA
-        shared = _SHARED_CACHE.set(cache if _is_shared(cache) else None)
+        shared = _SHARED_CACHE.set(_Sharing(cache) if _is_shared(cache) else None)
         try:
             yield True
         finally:
