@@ -20,8 +20,7 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -115,11 +114,11 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:
     ``--model tiny`` LoCoMo benchmark's tiny model with a tokenizer and a repeated sentence."""
     if args.model == "tiny":
         from locomo import tiny_folder
-
-        model, _ = load_model(str(tiny_folder(Path(args.work))))
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tiny_folder(Path(args.work)))
+        folder = tiny_folder(Path(args.work))
+        model, _ = load_model(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
         return model, tokenizer, "Alice followed the white rabbit down the hole. " * args.tokens
     model, tokenizer = load_model(args.model)
     return model, tokenizer, tokenizer.decode(book_token_ids(tokenizer, "emma", args.tokens))
@@ -145,15 +144,9 @@ def generated(model: torch.nn.Module, asker: Asker, question: str, new_tokens: i
 def copied(run: Callable[[], list[str]]) -> list[str]:
     """``run`` with the prefix copied to every row of a batch and transformers' own sdpa attention (the asking path
     before the shared-prefix attention)."""
-    with _no_shared_prefix():
-        return run()
-
-
-@contextmanager
-def _no_shared_prefix() -> Iterator[None]:
     with mock.patch.object(asking, "shares_prefix", lambda model: False):
         with mock.patch.object(attention, "shares_prefix", lambda model: False):
-            yield
+            return run()
 
 
 def timed(function: Callable[[], object]) -> tuple[object, tuple[float, float]]:

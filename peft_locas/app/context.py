@@ -52,13 +52,14 @@ def check_context(args: argparse.Namespace) -> None:
     """Cheap checks of the context options, before the model loads."""
     if args.sample is not None and args.context is None and getattr(args, "questions", None) is None:
         raise UsageError("--sample applies to LoCoMo files given with --context or --questions")
-    if args.context_tokens is not None and _record_folder(args) is None:
-        raise UsageError(
-            f"--context-tokens needs --adapter, or a merged --model folder holding its {RESULTS_FILE}: it takes the "
-            "end of the text that memory memorised"
-        )
     if args.context_tokens is not None:
-        _memorised_source(_record_folder(args))
+        folder = _record_folder(args)
+        if folder is None:
+            raise UsageError(
+                f"--context-tokens needs --adapter, or a merged --model folder holding its {RESULTS_FILE}: it takes "
+                "the end of the text that memory memorised"
+            )
+        _memorised_source(folder)
     elif args.context is not None:
         read_source(args.context, args.sample, flag="--context")
 
@@ -126,9 +127,8 @@ def context_text(args: argparse.Namespace, tokenizer: Any, positions: int | None
         text, what = read_source(args.context, args.sample, flag="--context").text, args.context
     elif args.context_tokens:
         sources, max_tokens = _memorised_source(_record_folder(args))
-        from ..engine.chunking import (
-            documents_text,  # several texts were memorised as one, joined as memorize joins them
-        )
+        # several texts were memorised as one, joined as memorize joins them
+        from ..engine.chunking import documents_text
 
         whole = sources[0].text if len(sources) == 1 else documents_text([s.memorized for s in sources])[0]
         text, what = _memorised_text(tokenizer, whole, max_tokens), "the memorised text"
