@@ -405,6 +405,7 @@ def run_conversation(dialogue: Dialogue, args: argparse.Namespace, tokenizer, co
     folder.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
         "dataset": dialogue.dataset,
+        "sample": dialogue.sample_id,
         "tokens": len(dialogue.ids),
         "sessions": len(dialogue.conversation.sessions),
         "sessions_total": dialogue.sessions_total,

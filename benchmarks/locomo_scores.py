@@ -61,19 +61,29 @@ def paired(records: dict[str, list[dict[str, Any]]], a: str, b: str, subset: str
 
 
 def aggregate(runs: list[dict[str, Any]], memories: list[str]) -> dict[str, Any]:
-    """Per dataset (LoCoMo, probe): every setting's summary and the paired comparisons, over all its conversations."""
-    datasets: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    """Per dataset (LoCoMo, probe): every setting's summary and the paired comparisons, over all its conversations,
+    and (``paired_by_conversation``) the same comparisons within each conversation, where there are several: pooled
+    differences can hide conversations that go opposite ways."""
+    datasets: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     for run in runs:
-        pooled = datasets.setdefault(run["info"]["dataset"], {})
-        for name, items in run["records"].items():
-            pooled.setdefault(name, []).extend(items)
-    return {
-        dataset: {
+        datasets.setdefault(run["info"]["dataset"], {})[run["info"]["sample"]] = run["records"]
+    summaries = {}
+    for dataset, conversations in datasets.items():
+        pooled: dict[str, list[dict[str, Any]]] = {}
+        for records in conversations.values():
+            for name, items in records.items():
+                pooled.setdefault(name, []).extend(items)
+        summaries[dataset] = {
             "settings": {name: summarize(items) for name, items in pooled.items()},
             "paired": [paired(pooled, a, b, subset) for a, b, subset in comparisons(memories)],
+            "paired_by_conversation": {
+                sample: [paired(records, a, b, subset) for a, b, subset in comparisons(memories)]
+                for sample, records in conversations.items()
+            }
+            if len(conversations) > 1
+            else {},
         }
-        for dataset, pooled in datasets.items()
-    }
+    return summaries
 
 
 def with_error(entry: dict[str, Any], scale: float = 1.0) -> str | None:

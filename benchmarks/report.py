@@ -422,10 +422,15 @@ def locomo_file(results_dir: Path) -> Path | None:
 def locomo_targets(result: dict[str, Any]) -> list[dict[str, str]]:
     """The issue's LoCoMo targets, per dataset: a Locas memory beats no memory (short window: on the questions whose
     evidence lies outside it; no dialogue: on all), and beats LoRA in the same setting; met when the mean paired
-    difference of gold log-likelihood per token exceeds its standard error."""
+    difference of gold log-likelihood per token exceeds its standard error. With several conversations, also whether
+    it is met within each (``met per conversation``)."""
     rows = []
     for dataset, summary in result["datasets"].items():
         by = {(item["a"], item["b"], item["subset"]): item["loglik"] for item in summary["paired"]}
+        by_sample = {
+            sample: {(item["a"], item["b"], item["subset"]): item["loglik"] for item in items}
+            for sample, items in (summary.get("paired_by_conversation") or {}).items()
+        }
         locas = [m for m in result["protocol"]["memories"] if m.startswith("locas")]
         for memory in locas:
             checks = [(f"short+{memory}", "short", "outside"), (f"none+{memory}", "none", "all")]
@@ -443,6 +448,12 @@ def locomo_targets(result: dict[str, Any]) -> list[dict[str, str]]:
                         "met": "yes" if met else "**no**",
                     }
                 )
+                if by_sample:
+                    within = {sample: pairs.get((a, b, subset), {"n": 0}) for sample, pairs in by_sample.items()}
+                    rows[-1]["met per conversation"] = ", ".join(
+                        f"{sample} {'yes' if e['n'] and e['mean'] > e['stderr'] else 'no'}"
+                        for sample, e in within.items()
+                    )
     return rows
 
 
@@ -470,7 +481,8 @@ def locomo_tables(result: dict[str, Any], file: str = "locomo.json") -> str:
     for dataset, summary in result["datasets"].items():
         parts.append(_locomo_dataset(dataset, summary, result["category_names"]))
     parts.append("\nTargets (gold log-likelihood per token, mean paired difference > its standard error):\n\n")
-    parts.append(table(locomo_targets(result), {"target": None, "measured": None, "met": None}))
+    targets = locomo_targets(result)
+    parts.append(table(targets, dict.fromkeys(key for row in targets for key in row)))
     if "locomo" in result["datasets"]:
         parts.append(
             "\nBeside the paper's Table 5 (Qwen3-1.7B, F1 as the paper prints them), with context (same window) and "
@@ -526,6 +538,25 @@ def _locomo_dataset(dataset: str, summary: dict[str, Any], category_names: dict[
         + table(category_rows, dict.fromkeys(["setting", *labels.values()]))
         + f"\n**{dataset}**, paired differences per question (a - b):\n\n"
         + table(paired, dict.fromkeys(paired[0]))
+        + _by_conversation(dataset, summary.get("paired_by_conversation") or {})
+    )
+
+
+def _by_conversation(dataset: str, by_sample: dict[str, list[dict[str, Any]]]) -> str:
+    """The paired gold log-likelihood differences within each conversation (empty for one conversation, or a result
+    written before they were recorded)."""
+    if not by_sample:
+        return ""
+    rows = []
+    for index, item in enumerate(next(iter(by_sample.values()))):
+        row = {"a - b": f"`{item['a']}` - `{item['b']}`", "questions": item["subset"]}
+        for sample, items in by_sample.items():
+            entry = items[index]["loglik"]
+            row[sample] = f"{with_stderr(entry)} (n={entry['n']})" if entry["n"] else None
+        rows.append(row)
+    return (
+        f"\n**{dataset}**, paired gold log-likelihood differences per question within each conversation "
+        "(mean ± standard error):\n\n" + table(rows, dict.fromkeys(rows[0]))
     )
 
 

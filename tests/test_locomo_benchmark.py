@@ -114,8 +114,9 @@ def test_smallest_mode_reports_every_setting_and_category(runs):
     assert all(outside[f"{window}+{m}"] == outside[window] for window in ("none", "short", "long") for m in MEMORIES)
     pairs = {(item["a"], item["b"], item["subset"]) for item in summary["paired"]}
     assert ("short+locas_ntp", "short", "outside") in pairs and ("none+locas_distill", "none+lora", "all") in pairs
+    assert summary["paired_by_conversation"] == {}  # one conversation: the pooled differences are its own
     info = result["conversations"]["probe-3"]
-    assert list(info["memories"]) == MEMORIES and list(info["settings"]) == SETTINGS
+    assert info["sample"] == "probe-3" and list(info["memories"]) == MEMORIES and list(info["settings"]) == SETTINGS
     assert all(cost["wall_s"] > 0 and cost["cpu_s"] > 0 for cost in info["memories"].values())
     assert info["windows"]["short"]["tokens"] <= 150 and info["windows"]["long"]["tokens"] <= 500
     assert result["total_wall_time_s"] > 0 and result["protocol"]["lora_lr_source"]
@@ -224,6 +225,46 @@ def test_aggregates_and_paired_differences():
     assert both["loglik"] == {"n": 3, "mean": pytest.approx(0.5), "stderr": 0.0}  # key 3 has no partner
     assert scores.paired({"a": a, "b": b}, "a", "b", "outside")["f1"] == {"n": 1, "mean": 1.0, "stderr": 0.0}
     assert scores.stats([]) == {"n": 0, "mean": None, "stderr": None}
+
+
+def test_paired_differences_per_conversation_beside_the_pooled_ones():
+    scores = benchmark_module("locomo_scores")
+
+    def run(sample, gains):
+        def records(shift):
+            return [
+                {"sample": sample, "key": k, "f1": 0.0, "loglik": -1.0 + shift * g, "outside": True, "category": 4}
+                for k, g in enumerate(gains)
+            ]
+
+        names = ("none", "short", "long")
+        found = {name: records(0) for name in names} | {f"{name}+locas_ntp": records(1) for name in names}
+        return {"info": {"dataset": "locomo", "sample": sample}, "records": found}
+
+    # one conversation gains 0.1 and 0.3 nats, the other loses 0.4 and 0.2: pooled, the mean is -0.05
+    summary = scores.aggregate([run("up", [0.1, 0.3]), run("down", [-0.4, -0.2])], ["locas_ntp"])["locomo"]
+    pooled = next(p for p in summary["paired"] if (p["a"], p["b"]) == ("none+locas_ntp", "none"))
+    assert pooled["loglik"]["n"] == 4 and pooled["loglik"]["mean"] == pytest.approx(-0.05)
+    assert list(summary["paired_by_conversation"]) == ["up", "down"]
+    for sample, mean in (("up", 0.2), ("down", -0.3)):
+        entry = next(
+            p for p in summary["paired_by_conversation"][sample] if (p["a"], p["b"]) == ("none+locas_ntp", "none")
+        )
+        assert entry["loglik"] == {"n": 2, "mean": pytest.approx(mean), "stderr": pytest.approx(0.1)}
+    assert scores.aggregate([run("up", [0.1])], ["locas_ntp"])["locomo"]["paired_by_conversation"] == {}
+    report = benchmark_module("report")
+    targets = report.locomo_targets({"datasets": {"locomo": summary}, "protocol": {"memories": ["locas_ntp"]}})
+    assert [(row["target"], row["met"], row["met per conversation"]) for row in targets] == [
+        (
+            "locomo: `short+locas_ntp` beats `short` on questions with evidence outside the short window",
+            "**no**",
+            "up yes, down no",
+        ),
+        ("locomo: `none+locas_ntp` beats `none` on all questions", "**no**", "up yes, down no"),
+    ]
+    page = report._by_conversation("locomo", summary["paired_by_conversation"])
+    assert "| a - b | questions | up | down |" in page
+    assert "| `none+locas_ntp` - `none` | all | 0.200 ± 0.100 (n=2) | -0.300 ± 0.100 (n=2) |" in page
 
 
 def test_question_forms_follow_locomo():
