@@ -1,5 +1,5 @@
 """The package's layering: `peft_locas.init`'s modules call downward only, in the order its docstring lists them; the
-weights and the tuner import nothing above them."""
+weights, the tuner and recall import nothing above them."""
 
 import ast
 import re
@@ -50,9 +50,11 @@ def package_imports(folder: str) -> dict[str, set[str]]:
         ("weights", ("peft_locas.weights.", "peft_locas.init.units")),
         # the tuner builds on the weights; initialising from data (which reads the tuner's layers) comes above it
         ("tuner", ("peft_locas.weights.", "peft_locas.tuner.", "peft_locas.init.units", "peft_locas._hook")),
+        # asking a model and reading conversations need no engine: the engine (memorize, self-study) builds on them
+        ("recall", ("peft_locas.recall.",)),
     ],
 )
-def test_the_weights_and_the_tuner_import_nothing_above_them(folder, allowed):
+def test_lower_layers_import_nothing_above_them(folder, allowed):
     for module, imported in package_imports(folder).items():
         above = sorted(name for name in imported if not name.startswith(allowed) and name != "peft_locas.__init__")
         assert not above, f"{folder}/{module}.py imports {above}"

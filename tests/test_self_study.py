@@ -1,4 +1,4 @@
-"""Self-study (``MemorizeConfig(self_study_questions=N)``, peft_locas.recall.self_study) on a tiny Llama with a real
+"""Self-study (``MemorizeConfig(self_study_questions=N)``, peft_locas.engine.self_study) on a tiny Llama with a real
 tiny tokenizer: the student is prompted exactly as `Asker` asks from memory, the teacher answers exactly as an `Asker`
 reading the chunk, the KL is zero when they agree and falls when trained, only the memory learns, runs repeat and
 resume exactly, the setting off (or generating without steps) changes nothing, and the refused settings."""
@@ -17,13 +17,12 @@ from tiny_checkpoint import tiny_llama as llama
 
 from peft_locas import LocasConfig, cli
 from peft_locas.distributed import Ranks
+from peft_locas.engine import self_study
 from peft_locas.engine.checkpointing import CheckpointError
 from peft_locas.engine.chunking import chunk_windows
 from peft_locas.engine.memorization import MemorizeConfig, memorize, templora_config
 from peft_locas.engine.objectives import TeacherTargets
-from peft_locas.recall import self_study
-from peft_locas.recall.asking import Asker
-from peft_locas.recall.self_study import (
+from peft_locas.engine.self_study import (
     MAX_ANSWER_TOKENS,
     SelfStudy,
     StudyExample,
@@ -32,6 +31,7 @@ from peft_locas.recall.self_study import (
     teach,
     write_questions,
 )
+from peft_locas.recall.asking import Asker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -101,7 +101,7 @@ class MemorizeConfig:
             percentile 66%) of its next-token probability (top 256: mean 94%); the rest is still matched as one
             outcome, so moving mass into or out of the tail costs, only its spread within the tail is ignored.
         ntp_weight: with ``"distill"``, the weight of the next-token loss added to the KL (0: pure distillation).
-        self_study_questions: self-study (`peft_locas.recall.self_study`, after Cartridges): questions per chunk the
+        self_study_questions: self-study (`peft_locas.engine.self_study`, after Cartridges): questions per chunk the
             base model writes about the chunk's window, answers reading it (the teacher, top ``distill_top_k``), and
             the memory is trained to answer with no context, as `peft_locas.recall.Asker` asks with
             `peft_locas.recall.memory_instruction` (a conversation's or a text's; KL on the answer tokens), after the
@@ -295,7 +295,7 @@ def memorize(
             raise ValueError(
                 "memorize: self-study runs in a single process: set self_study_questions=0 under torch.distributed"
             )
-        from ..recall.self_study import SelfStudy
+        from .self_study import SelfStudy
 
         study = SelfStudy(
             peft_model,

@@ -25,7 +25,7 @@ class MemorizeResult:
     objective's loss on chunk ``i`` (NTP: mean NLL; distillation: mean KL, plus the weighted NLL), averaged over its
     steps and each taken before its step's update (``None`` for evaluation, runs without training steps, and results
     saved before it existed). ``self_study[i]`` is what self-study generated and learnt on chunk ``i``
-    (`peft_locas.recall.self_study`): ``{"questions": [{"question": ..., "answer": ...}, ...], "losses": [...]}``, the
+    (`peft_locas.engine.self_study`): ``{"questions": [{"question": ..., "answer": ...}, ...], "losses": [...]}``, the
     losses being each self-study step's mean KL per answer token before its update (``None`` without self-study).
     ``model`` is the trained ``PeftModel`` (not serialised), also when `memorize()` created
     it from a base model.

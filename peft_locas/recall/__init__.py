@@ -4,6 +4,7 @@
 - `peft_locas.recall.asking`: `Asker`, questions to a (memorised) model over a shared, prefilled context.
 - `peft_locas.recall.prompts`: the instructions questions are asked with, and `fit_context`.
 - `peft_locas.recall.prefix_cache`: `PrefixCache`, a prefix prefilled once and continued from copies of its cache.
+- `peft_locas.recall.attention`: shared-prefix attention, a batch's common context kept once (Hydragen's decomposition).
 - `peft_locas.recall.metrics`: LoCoMo's official token F1 and standard errors.
 - `peft_locas.recall.serving`: `ask_memories`, many memories answering in one batch (per-row ``adapter_names``).
 """

@@ -33,7 +33,7 @@ class Continuation(NamedTuple):
 
 class PrefixCache:
     """A token prefix run through ``model`` once, its KV cache continued by copies: the shared prefill behind `Asker`
-    and self-study's question writer (`peft_locas.recall.self_study.write_questions`).
+    and self-study's question writer (`peft_locas.engine.self_study.write_questions`).
 
     The cache is prefilled on first use and kept per model state (device, dtype, the PEFT layers' active / disabled /
     merged adapters, the parameters' in-place version counters; the last two states' caches), so ``with

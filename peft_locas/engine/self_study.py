@@ -40,10 +40,10 @@ from typing import Any
 
 import torch
 
-from ..engine.objectives import TeacherTargets, kl_divergence
-from .asking import Asker
-from .prefix_cache import PrefixCache, accepts_argument, end_of_sequence_ids
-from .prompts import memory_instruction
+from ..recall.asking import Asker
+from ..recall.prefix_cache import PrefixCache, accepts_argument, end_of_sequence_ids
+from ..recall.prompts import memory_instruction
+from .objectives import TeacherTargets, kl_divergence
 
 #: seed prompts, one per question, rotated (Cartridges' seed types, narrowed to the facts a dialogue states; the last
 #: is Cartridges' "question" seed prompt)
