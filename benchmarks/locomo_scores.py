@@ -67,7 +67,7 @@ def aggregate(runs: list[dict[str, Any]], memories: list[str]) -> dict[str, Any]
     datasets: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     for run in runs:
         datasets.setdefault(run["info"]["dataset"], {})[run["info"]["sample"]] = run["records"]
-    summaries = {}
+    pairs, summaries = comparisons(memories), {}
     for dataset, conversations in datasets.items():
         pooled: dict[str, list[dict[str, Any]]] = {}
         for records in conversations.values():
@@ -75,9 +75,9 @@ def aggregate(runs: list[dict[str, Any]], memories: list[str]) -> dict[str, Any]
                 pooled.setdefault(name, []).extend(items)
         summaries[dataset] = {
             "settings": {name: summarize(items) for name, items in pooled.items()},
-            "paired": [paired(pooled, a, b, subset) for a, b, subset in comparisons(memories)],
+            "paired": [paired(pooled, a, b, subset) for a, b, subset in pairs],
             "paired_by_conversation": {
-                sample: [paired(records, a, b, subset) for a, b, subset in comparisons(memories)]
+                sample: [paired(records, a, b, subset) for a, b, subset in pairs]
                 for sample, records in conversations.items()
             }
             if len(conversations) > 1

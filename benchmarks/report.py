@@ -419,6 +419,16 @@ def locomo_file(results_dir: Path) -> Path | None:
     return None
 
 
+def _met(entry: dict[str, Any]) -> bool:
+    """A LoCoMo target's test on a ``{n, mean, stderr}`` paired difference: the mean exceeds its standard error."""
+    return entry["n"] > 0 and entry["mean"] > entry["stderr"]
+
+
+def _with_n(entry: dict[str, Any]) -> str | None:
+    """``mean ± stderr (n=N)`` of a paired difference; ``None`` without questions."""
+    return f"{with_stderr(entry)} (n={entry['n']})" if entry["n"] else None
+
+
 def locomo_targets(result: dict[str, Any]) -> list[dict[str, str]]:
     """The issue's LoCoMo targets, per dataset: a Locas memory beats no memory (short window: on the questions whose
     evidence lies outside it; no dialogue: on all), and beats LoRA in the same setting; met when the mean paired
@@ -439,20 +449,17 @@ def locomo_targets(result: dict[str, Any]) -> list[dict[str, str]]:
             for a, b, subset in checks:
                 entry = by.get((a, b, subset), {"n": 0, "mean": None})
                 where = "questions with evidence outside the short window" if subset == "outside" else "all questions"
-                met = entry["n"] > 0 and entry["mean"] > entry["stderr"]
-                measured = f"{with_stderr(entry)} (n={entry['n']})" if entry["n"] else "no questions"
                 rows.append(
                     {
                         "target": f"{dataset}: `{a}` beats `{b}` on {where}",
-                        "measured": measured,
-                        "met": "yes" if met else "**no**",
+                        "measured": _with_n(entry) or "no questions",
+                        "met": "yes" if _met(entry) else "**no**",
                     }
                 )
                 if by_sample:
-                    within = {sample: pairs.get((a, b, subset), {"n": 0}) for sample, pairs in by_sample.items()}
                     rows[-1]["met per conversation"] = ", ".join(
-                        f"{sample} {'yes' if e['n'] and e['mean'] > e['stderr'] else 'no'}"
-                        for sample, e in within.items()
+                        f"{sample} {'yes' if _met(pairs.get((a, b, subset), {'n': 0})) else 'no'}"
+                        for sample, pairs in by_sample.items()
                     )
     return rows
 
@@ -551,8 +558,7 @@ def _by_conversation(dataset: str, by_sample: dict[str, list[dict[str, Any]]]) -
     for index, item in enumerate(next(iter(by_sample.values()))):
         row = {"a - b": f"`{item['a']}` - `{item['b']}`", "questions": item["subset"]}
         for sample, items in by_sample.items():
-            entry = items[index]["loglik"]
-            row[sample] = f"{with_stderr(entry)} (n={entry['n']})" if entry["n"] else None
+            row[sample] = _with_n(items[index]["loglik"])
         rows.append(row)
     return (
         f"\n**{dataset}**, paired gold log-likelihood differences per question within each conversation "
