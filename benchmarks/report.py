@@ -256,6 +256,10 @@ def steps_pareto_tables(result: dict[str, Any]) -> str:
         "wall s": fixed(0),
         "wall range": None,
     }
+    # runs measured two at a time (--jobs 2) say so, round by round; runs from before --jobs ran one at a time
+    at_a_time = {id(row): [run.get("jobs", 1) for run in row["runs"]] for row in result["rows"]}
+    if any(jobs != 1 for rounds in at_a_time.values() for jobs in rounds):
+        columns["runs at a time"] = lambda rounds: ", ".join(map(str, rounds))
     parts = [
         source_line(result, "steps_pareto"),
         f"\nFirst {result['tokens_per_book']:,} tokens of each book, Locas r={result['r']} `top_k` "
@@ -263,7 +267,11 @@ def steps_pareto_tables(result: dict[str, Any]) -> str:
         f"(lr swept per step count), {result['rounds']} interleaved rounds (median time; wall range over rounds):\n",
     ]
     for book in dict.fromkeys(row["book"] for row in result["rows"]):
-        rows = [{**row, "lr": row["lr"] or 4e-3} for row in result["rows"] if row["book"] == book]
+        rows = [
+            {**row, "lr": row["lr"] or 4e-3, "runs at a time": at_a_time[id(row)]}
+            for row in result["rows"]
+            if row["book"] == book
+        ]
         parts.append(f"\n**{title(book)}**:\n\n" + table(rows, columns))
     for key, name in (("lora_lr_sweep", "LoRA"), ("locas_lr_sweep", "Locas")):
         if key not in result:

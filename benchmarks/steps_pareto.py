@@ -12,9 +12,11 @@ value to show it), times are medians over rounds with their range, and CPU time 
 The target (issue: "at most half of TempLoRA's time at equal perplexity"), evaluated by `report.py`'s
 `steps_target`: per book, the cheapest Locas setting whose perplexity is at or below LoRA's best takes at most 0.5x
 of the CPU time of LoRA's best setting (stretch 0.4x). Finished measurements are kept in ``--work``, so a rerun of
-the same command resumes where an interruption stopped.
+the same command resumes where an interruption stopped. ``--jobs 2`` runs two measurements at a time (one per core
+with ``--threads 1``); each run records how many shared the machine (``jobs``). SIGTERM to this process stops it from
+starting new runs: the ones in flight finish and are kept, then it exits, ready to resume.
 
-    python benchmarks/steps_pareto.py [--quick] [--tokens 16384] [--steps 1,2,4] [--rounds 3] [--threads 1]
+    python benchmarks/steps_pareto.py [--quick] [--tokens 16384] [--steps 1,2,4] [--rounds 3] [--threads 1] [--jobs 1]
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
+import signal
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +49,7 @@ from report import steps_target
 
 from peft_locas import LocasConfig, MemorizeConfig, memorize, templora_config
 
-COLUMNS = ["book", "method", "steps", "lr", "ppl", "wall s", "wall range", "CPU s", "tok/s"]
+COLUMNS = ["book", "method", "steps", "lr", "ppl", "wall s", "wall range", "CPU s", "tok/s", "jobs"]
 
 
 def measure(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -73,7 +78,9 @@ def measure(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 class Runs:
-    """Finished measurements in ``--work``, keyed by spec and round (a rerun of the same command resumes)."""
+    """Finished measurements in ``--work``, keyed by spec and round (a rerun of the same command resumes). Safe to call
+    from several threads: the file is rewritten, atomically, under a lock as each run finishes. Once ``stop`` is set
+    (SIGTERM), `get` starts no new run."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -83,15 +90,27 @@ class Runs:
         self.stored = json.loads(self.path.read_text()) if self.path.exists() else {}
         if self.stored.get("settings") != settings:
             self.stored = {"settings": settings, "runs": {}}
+        self.lock, self.stop = threading.Lock(), threading.Event()
 
     def get(self, spec: dict[str, Any], round_index: int) -> dict[str, Any]:
+        """The spec's measurement in that round, measured now in a child process unless stored.
+
+        Raises:
+            SystemExit: ``stop`` is set and the run is not stored; or the child failed.
+        """
         key = json.dumps({**spec, "round": round_index}, sort_keys=True)
-        if key not in self.stored["runs"]:
-            self.stored["runs"][key] = self._child(spec)
+        with self.lock:
+            if key in self.stored["runs"]:
+                return self.stored["runs"][key]
+        if self.stop.is_set():
+            raise SystemExit(f"stopped on SIGTERM; finished runs are kept in {self.path}: rerun the command to resume")
+        run = {**self._child(spec), "jobs": self.args.jobs}
+        with self.lock:
+            self.stored["runs"][key] = run
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.stored))
             os.replace(tmp, self.path)
-        return self.stored["runs"][key]
+        return run
 
     def _child(self, spec: dict[str, Any]) -> dict[str, Any]:
         args = self.args
@@ -116,6 +135,48 @@ def sweep(runs: Runs, args: argparse.Namespace, steps: list[int], method: str, l
     return chosen
 
 
+def measure_all(runs: Runs, specs: list[dict[str, Any]], rounds: int, jobs: int) -> dict[int, list[dict[str, Any]]]:
+    """Every spec once per round, methods alternating and the order flipped every round, ``jobs`` runs at a time;
+    returns each spec's runs in round order.
+
+    Raises:
+        SystemExit: a run failed, or SIGTERM stopped new runs; the runs in flight finish and are kept first.
+    """
+    todo: queue.Queue[tuple[int, int]] = queue.Queue()
+    for round_index in range(rounds):
+        for index in range(len(specs)) if round_index % 2 == 0 else reversed(range(len(specs))):
+            todo.put((round_index, index))
+    done: dict[tuple[int, int], dict[str, Any]] = {}
+    errors: list[SystemExit] = []
+
+    def worker() -> None:
+        while not errors:
+            try:
+                round_index, index = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                run = done[round_index, index] = runs.get(specs[index], round_index)
+            except SystemExit as error:  # the other workers start nothing new; reported once they finish
+                errors.append(error)
+                return
+            print(
+                f"round {round_index + 1}/{rounds}, {specs[index]}: ppl {run['perplexity']:.3f}, "
+                f"{run['seconds']:.0f} s (CPU {run['cpu_seconds']:.0f} s)",
+                flush=True,
+            )
+
+    threads = [threading.Thread(target=worker) for _ in range(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(timeout=1)  # bounded waits, so a SIGTERM handler runs promptly
+    if errors:
+        raise errors[0]
+    return {index: [done[round_index, index] for round_index in range(rounds)] for index in range(len(specs))}
+
+
 def summarise(spec: dict[str, Any], measured: list[dict[str, Any]]) -> dict[str, Any]:
     """One table row: the perplexity (equal across rounds), median times and the rounds' range of wall time."""
     wall = [run["seconds"] for run in measured]
@@ -130,6 +191,8 @@ def summarise(spec: dict[str, Any], measured: list[dict[str, Any]]) -> dict[str,
         "wall range": f"{min(wall):.1f}-{max(wall):.1f}",
         "CPU s": statistics.median(run["cpu_seconds"] for run in measured),
         "tok/s": measured[0]["tokens"] / statistics.median(wall),
+        # runs measured before --jobs existed ran one at a time
+        "jobs": sorted({run.get("jobs", 1) for run in measured}),
         "runs": measured,
     }
 
@@ -179,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=512, help="tokens scored, then trained on, per chunk")
     parser.add_argument("--context", type=int, default=256, help="short window: prefix tokens given to each chunk")
     parser.add_argument("--work", default=None, help="finished measurements (default under ~/.cache)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs measured at a time (at most one per core)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args(argv)
     apply_common(args)
@@ -190,11 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = [int(value) for value in (args.steps or ("1,2" if args.quick else "1,2,4")).split(",")]
     rounds = args.rounds or (1 if args.quick else 3)
     books = args.books.split(",")
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: measure at least one run at a time")
     if args.sweep_book in books:
         parser.error(f"--sweep-book {args.sweep_book} is also benchmarked; tune LoRA on a different novel")
     set_work(args, "steps_pareto")
     start_clock(args)
     runs = Runs(args)
+    signal.signal(signal.SIGTERM, lambda *_: runs.stop.set())
     lora_sweep = sweep(runs, args, steps, "lora", args.lora_lrs)
     locas_sweep = sweep(runs, args, steps, "locas", args.locas_lrs) if args.locas_lrs else None
     specs = [
@@ -206,17 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             ("lora", lora_sweep[count]["chosen"]),
         )
     ]
-    measured: dict[int, list[dict[str, Any]]] = {index: [] for index in range(len(specs))}
-    for round_index in range(rounds):
-        order = range(len(specs)) if round_index % 2 == 0 else reversed(range(len(specs)))
-        for index in order:
-            measured[index].append(runs.get(specs[index], round_index))
-            run = measured[index][-1]
-            print(
-                f"round {round_index + 1}/{rounds}, {specs[index]}: ppl {run['perplexity']:.3f}, "
-                f"{run['seconds']:.0f} s (CPU {run['cpu_seconds']:.0f} s)",
-                flush=True,
-            )
+    measured = measure_all(runs, specs, rounds, args.jobs)
     rows = [summarise(spec, measured[index]) for index, spec in enumerate(specs)]
     targets = [steps_target(book, rows) for book in books]
     for target in targets:

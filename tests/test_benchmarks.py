@@ -1,9 +1,13 @@
 """Every benchmark runs end to end in its smallest mode on a tiny model, so the scripts cannot rot."""
 
+import argparse
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -111,13 +115,14 @@ def test_steps_pareto_smallest_mode(tmp_path):
     out, work = tmp_path / "pareto.json", tmp_path / "work"
     protocol = ["--tokens", "96", "--chunk", "32", "--context", "8", "--r", "8", "--lora-r", "8", "--steps", "1"]
     protocol += ["--rounds", "2", "--sweep-tokens", "64", "--lora-lrs", "1e-3,3e-3", "--locas-lrs", "4e-3,1e-2"]
-    protocol += ["--work", str(work)]
+    protocol += ["--work", str(work), "--jobs", "2"]
     protocol += ["--books", "persuasion"]
     run_benchmark("steps_pareto.py", "--out", str(out), *protocol)
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [(row["method"], row["steps"]) for row in rows] == [("locas", 1), ("lora", 1)]
     assert all(len(row["runs"]) == 2 and row["ppl spread"] == 0 and row["CPU s"] > 0 for row in rows)
+    assert all(row["jobs"] == [2] and all(run["jobs"] == 2 for run in row["runs"]) for row in rows)
     for method in ("lora", "locas"):
         for steps, sweep in result[f"{method}_lr_sweep"].items():
             chosen = min(sweep["perplexity_by_lr"], key=sweep["perplexity_by_lr"].get)
@@ -149,6 +154,20 @@ def test_steps_target_picks_the_cheapest_locas_setting_at_or_below_loras_best():
     missed = steps_target("emma", rows[:3] + [row("locas", 1, 19.5, 20)])
     assert missed["locas"] is None and not missed["met"]
     assert "no Locas setting reaches LoRA's best perplexity 19.00" in missed["summary"]
+
+
+def test_steps_pareto_page_says_which_runs_shared_the_machine(monkeypatch):
+    """Runs measured one at a time (or before --jobs existed) add no column; two at a time show it round by round."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from report import steps_pareto_tables
+
+    result = json.loads((BENCHMARKS / "results" / "steps_pareto.json").read_text())
+    assert all("jobs" not in run for row in result["rows"] for run in row["runs"])
+    assert "runs at a time" not in steps_pareto_tables(result)
+    for row in result["rows"]:
+        row["runs"] = [row["runs"][0], *({**run, "jobs": 2} for run in row["runs"][1:])]
+    page = steps_pareto_tables(result)
+    assert "| runs at a time |" in page and page.count("| 1, 2, 2 |") == len(result["rows"])
 
 
 def test_book_ppl_and_forgetting_smallest_mode(tmp_path):
@@ -342,3 +361,65 @@ def test_asking_benchmark_smallest_mode(tmp_path):
     assert rows["generate"]["vs_generate"] == 1 and rows["generate"]["prefill_s"] is None
     assert all(row["total_s"] == pytest.approx(row["prefill_s"] + row["questions_s"]) for row in result["rows"][1:])
     assert len(result["answers"]) == len(result["questions"]) == 4 and result["tokens"] == 64
+
+
+@pytest.fixture
+def steps_pareto(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import steps_pareto
+
+    return steps_pareto
+
+
+class _Runs:
+    """Stands in for steps_pareto.Runs (its ``stop`` and ``get``): records the order of runs; ``on_run`` acts before
+    each is "measured"."""
+
+    def __init__(self, on_run=lambda count: None):
+        self.on_run, self.order, self.stop = on_run, [], threading.Event()
+
+    def get(self, spec, round_index):
+        if self.stop.is_set():
+            raise SystemExit("stopped on SIGTERM")
+        self.on_run(len(self.order))
+        self.order.append((round_index, spec["name"]))
+        return {"perplexity": 1.0, "seconds": 1.0, "cpu_seconds": 1.0}
+
+
+def test_steps_pareto_interleaves_and_stops_on_sigterm(steps_pareto):
+    """Rounds alternate direction; a SIGTERM during a run lets it finish and keeps it, then nothing new starts."""
+    specs = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
+    runs = _Runs()
+    measured = steps_pareto.measure_all(runs, specs, rounds=2, jobs=1)
+    assert runs.order == [(0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a")]
+    assert all(len(measured[index]) == 2 for index in range(3))
+
+    def terminate_on_second(count):
+        if count == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert runs.stop.wait(10)  # the handler runs in the main thread; wait for it, as a long run would
+
+    runs = _Runs(terminate_on_second)
+    previous = signal.signal(signal.SIGTERM, lambda *_: runs.stop.set())
+    try:
+        with pytest.raises(SystemExit, match="stopped on SIGTERM"):
+            steps_pareto.measure_all(runs, specs, rounds=2, jobs=1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(runs.order) == 2  # the run in flight when the signal came finished; none started after it
+
+
+def test_steps_pareto_runs_start_nothing_once_stopped(steps_pareto, tmp_path):
+    """After SIGTERM sets ``stop``, a stored run is still returned and an unmeasured one raises, naming the resume."""
+    keys = ("model", "r", "lora_r", "chunk", "context", "seed", "threads", "device", "dtype")
+    args = argparse.Namespace(**dict.fromkeys(keys, 1), work=str(tmp_path), jobs=1)
+    spec = {"book": "persuasion", "method": "lora"}
+    stored = {"perplexity": 2.0, "seconds": 1.0, "cpu_seconds": 1.0}
+    key = json.dumps({**spec, "round": 0}, sort_keys=True)
+    settings = dict.fromkeys(keys, 1)
+    (tmp_path / "steps_pareto_runs.json").write_text(json.dumps({"settings": settings, "runs": {key: stored}}))
+    runs = steps_pareto.Runs(args)
+    runs.stop.set()
+    assert runs.get(spec, 0) == stored
+    with pytest.raises(SystemExit, match=r"stopped on SIGTERM; finished runs are kept in .*rerun the command"):
+        runs.get(spec, 1)
