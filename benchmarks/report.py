@@ -344,6 +344,14 @@ def targets_table(results: dict[str, dict[str, Any]]) -> str:
             add(
                 f"{title(book)}: time at LoRA's best perplexity <= 1/2 of LoRA's (steps 1/2/4)", measured, target["met"]
             )
+        for best in best_settings(results["book_ppl"], pareto):
+            add(
+                f"{title(best['book'])}: Locas r=64 PPL <= LoRA r=64, each at its best setting measured at "
+                f"{pareto['tokens_per_book']:,} tokens (book_ppl, steps_pareto)",
+                f"{best['locas']['ppl']:.2f} ({steps(best['locas'])}, lr {best['locas']['lr']:g}) vs "
+                f"{best['lora']['ppl']:.2f} ({steps(best['lora'])}, lr {best['lora']['lr']:g})",
+                best["locas"]["ppl"] <= best["lora"]["ppl"],
+            )
     if "forgetting" in results:
         by = {row["model"]: row for row in results["forgetting"]["rows"]}
         for state in ("unmerged", "merged"):
@@ -366,6 +374,39 @@ def targets_table(results: dict[str, dict[str, Any]]) -> str:
         met = max(locas["time vs base"], locas["CPU vs base"]) <= 1.03
         add("unmerged Locas r=64 within 1.03x the base (wall and CPU)", measured, met)
     return table(rows, {"target": None, "measured": None, "met": None})
+
+
+def best_settings(book_ppl: dict[str, Any], pareto: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per book both benchmarks read, Locas r=64 ``top_k``'s and LoRA r=64's lowest perplexity over every setting
+    either measured (book_ppl: 2 steps, Locas at the engine's 4e-3, LoRA at its sweep's rate; steps_pareto: 1/2/4
+    steps at the swept rates), each as ``{"steps", "lr", "ppl"}``. Empty unless both read the same tokens the same
+    way (tokens per book, chunk, window, model, seed): only then are their perplexities the same measurement."""
+    protocol = ("chunk", "context", "model", "seed")
+    same = pareto["tokens_per_book"] == book_ppl["tokens_per_book"] and all(
+        pareto["arguments"][key] == book_ppl["arguments"][key] for key in protocol
+    )
+    if not same or pareto["r"] != 64 or pareto["lora_r"] != 64:
+        return []
+    steps_there = int(book_ppl["arguments"]["steps"])
+    best = []
+    for book in dict.fromkeys(row["book"] for row in pareto["rows"]):
+        if book not in book_ppl["tables"]:
+            continue
+        by = {row["method"]: row for row in book_ppl["tables"][book]}
+        there = {
+            "locas": {"steps": steps_there, "lr": 4e-3, "ppl": by["locas r=64 top_k"]["ppl"]},
+            "lora": {"steps": steps_there, "lr": book_ppl["lora_lr_sweep"]["chosen"], "ppl": by["lora r=64"]["ppl"]},
+        }
+        found = {"book": book}
+        for method, setting in there.items():
+            here = [
+                {"steps": row["steps"], "lr": row["lr"] or 4e-3, "ppl": row["ppl"]}
+                for row in pareto["rows"]
+                if (row["book"], row["method"]) == (book, method)
+            ]
+            found[method] = min([setting, *here], key=lambda row: row["ppl"])
+        best.append(found)
+    return best
 
 
 def steps(row: dict[str, Any]) -> str:

@@ -170,6 +170,34 @@ def test_steps_pareto_page_says_which_runs_shared_the_machine(monkeypatch):
     assert "| runs at a time |" in page and page.count("| 1, 2, 2 |") == len(result["rows"])
 
 
+def test_best_settings_compare_book_ppl_and_steps_pareto_only_on_the_same_reading(monkeypatch):
+    """Each method's best perplexity over both benchmarks' settings, and nothing when they read different tokens."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from report import best_settings, targets_table
+
+    results = {
+        name: json.loads((BENCHMARKS / "results" / f"{name}.json").read_text())
+        for name in ("book_ppl", "steps_pareto", "overhead")
+    }
+    book_ppl, pareto = results["book_ppl"], results["steps_pareto"]
+    assert pareto["tokens_per_book"] != book_ppl["tokens_per_book"] and best_settings(book_ppl, pareto) == []
+    pareto["tokens_per_book"] = book_ppl["tokens_per_book"]
+    for row in pareto["rows"]:  # as if read to book_ppl's length: LoRA best at 4 steps, Locas above book_ppl's
+        row["ppl"] = {("lora", 4): 10.0, ("locas", 1): 100.0}.get((row["method"], row["steps"]), 1000.0)
+    best = best_settings(book_ppl, pareto)
+    assert [entry["book"] for entry in best] == ["pride_and_prejudice", "persuasion"]
+    locas_there = next(r["ppl"] for r in book_ppl["tables"]["persuasion"] if r["method"] == "locas r=64 top_k")
+    assert best[1]["locas"] == {"steps": 2, "lr": 4e-3, "ppl": locas_there}  # book_ppl's beats every Pareto setting
+    assert best[1]["lora"] == {"steps": 4, "lr": pareto["rows"][-1]["lr"], "ppl": 10.0}
+    page = targets_table(results)
+    assert "| Persuasion: Locas r=64 PPL <= LoRA r=64, each at its best setting measured at 16,384 tokens " in page
+    row = next(line for line in page.splitlines() if line.startswith("| Persuasion: Locas r=64 PPL <= LoRA r=64, each"))
+    assert f"| {locas_there:.2f} (2 steps per chunk, lr 0.004) vs 10.00 (4 steps per chunk, lr 0.0005) |" in row
+    assert row.endswith("| **no** |")
+    pareto["arguments"]["context"] = "512"
+    assert best_settings(book_ppl, pareto) == []
+
+
 def test_book_ppl_and_forgetting_smallest_mode(tmp_path):
     """book_ppl runs every method once per book in its own process; a rerun reuses them; forgetting reuses the
     memories book_ppl trained (same protocol, same checkpoints)."""
