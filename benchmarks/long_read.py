@@ -4,13 +4,15 @@ paper's 200K-token books, Locas-GLU on Qwen3: r=16 19.14, r=64 19.04, r=128 19.0
 
 Every method reads the book under `book_ppl.py`'s protocol and runs as its runs do (a process of its own, a
 `memorize()` checkpoint every 8 chunks in ``--work``, so a rerun of the same command resumes): no memory, Locas-GLU
-``top_k`` at each r of ``--ranks``, LoRA r=64 on all linear layers at the learning rate book_ppl.py's sweep chose,
-and (unless ``--no-long-window``) the long window as a reference. Reported: the running prequential perplexity
-against the position in the book (the plot) and the perplexity of each ``--segment``-token stretch, so that a late
-stretch shows what a memory still gains after it has read a lot. Times are single runs, in the JSON only: ratios
+``top_k`` at each r of ``--ranks``, LoRA r=64 on all linear layers at the learning rate book_ppl.py's sweep chose
+(or at each rate of ``--lora-lr``, the rows then named by rate), and (unless ``--no-long-window``) the long window as
+a reference. Reported: the running prequential perplexity against the position in the book (the plot) and the
+perplexity of each ``--segment``-token stretch, so that a late stretch shows what a memory still gains after it has
+read a lot. Times are single runs, in the JSON only: ratios
 come from interleaved repeats (`steps_pareto.py`, `overhead.py`).
 
     python benchmarks/long_read.py [--quick] [--book emma] [--tokens 65536] [--ranks 16,64,256] [--threads 1]
+        [--lora-lr 1e-3,5e-4]
 """
 
 from __future__ import annotations
@@ -51,11 +53,24 @@ def tokens_label(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens and tokens % 1024 == 0 else str(tokens)
 
 
-def method_specs(ranks: list[int], lora_lr: float, long_window: bool) -> list[dict[str, Any]]:
+def method_specs(ranks: list[int], lora_lrs: list[float], long_window: bool) -> list[dict[str, Any]]:
     """The runs, the memories first: the long window (as much context as the model takes) is a reference, and at 64K
     tokens the slowest memory-free run."""
-    specs = [NO_MEMORY, *(locas_spec(r, "top_k") for r in ranks), lora_spec(lora_lr)]
+    specs = [NO_MEMORY, *(locas_spec(r, "top_k") for r in ranks), *(lora_spec(lr) for lr in lora_lrs)]
     return specs + ([LONG_WINDOW] if long_window else [])
+
+
+def named_by_rate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records, with each LoRA run's method naming its learning rate when there are several (``lora r=64 lr
+    0.0005``); only for the table and plot: a run's id, and so its stored result, keeps the plain name."""
+    if sum(record["spec"]["kind"] == "lora" for record in records) < 2:
+        return records
+    return [
+        {**record, "spec": {**record["spec"], "method": f"{record['spec']['method']} lr {record['spec']['lr']:g}"}}
+        if record["spec"]["kind"] == "lora"
+        else record
+        for record in records
+    ]
 
 
 def rows_of(records: list[dict[str, Any]], segment: int) -> list[dict[str, Any]]:
@@ -80,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=None, help="tokens read (default 65536, quick 2048)")
     parser.add_argument("--ranks", default=None, help="Locas widths, comma-separated (default 16,64,256, quick 16,64)")
     parser.add_argument("--segment", type=int, default=None, help="tokens per reported stretch (default 16384)")
-    parser.add_argument("--lora-lr", type=float, default=None, help="default: the one book_ppl.py's sweep chose")
+    parser.add_argument(
+        "--lora-lr",
+        default=None,
+        help="LoRA learning rates, comma-separated (default: the one book_ppl.py's sweep chose)",
+    )
     parser.add_argument("--no-long-window", action="store_true", help="skip the long-window reference run")
     add_protocol_arguments(parser)
     args = parser.parse_args(argv)
@@ -92,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--segment {segment} must be a multiple of --chunk {args.chunk} to split the chunks exactly")
     set_work(args, "long_read")
     started = time.perf_counter()
-    lora_lr = chosen_lora_lr(args)
+    lora_lrs = [float(lr) for lr in args.lora_lr.split(",")] if args.lora_lr else [chosen_lora_lr(args)]
     records = [
         completed({**spec, "book": args.book, "tokens": tokens}, args)
-        for spec in method_specs(ranks, lora_lr, not args.no_long_window)
+        for spec in method_specs(ranks, lora_lrs, not args.no_long_window)
     ]
+    records = named_by_rate(records)
     rows = rows_of(records, segment)
     print(f"\n{args.book}, {tokens} tokens, window {args.context}+{args.chunk}, {args.steps} steps per chunk:")
     print_table(rows, list(rows[0]))
@@ -106,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "book": args.book,
         "tokens": tokens,
         "segment": segment,
-        "lora_lr": lora_lr,
+        "lora_lrs": lora_lrs,
         "rows": rows,
         "runs": records,
         "wall_time_s_of_this_invocation": time.perf_counter() - started,

@@ -297,6 +297,13 @@ def test_long_read_smallest_mode(tmp_path):
     assert "running" not in again.stdout and json.loads(out.read_text())["rows"] == result["rows"]
     run_benchmark("long_read.py", *args, "--no-long-window")
     assert json.loads(out.read_text())["rows"] == result["rows"][:-1]
+    # a second LoRA rate: only its run is new, and the rows name both rates
+    both = run_benchmark("long_read.py", *args[:-6], "--lora-lr", "1e-3,3e-3", *args[-4:], "--no-long-window")
+    assert both.stdout.count("running") == 1 and "running lora r=64 on emma" in both.stdout
+    rows_both = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows_both)[-2:] == ["lora r=64 lr 0.001", "lora r=64 lr 0.003"]
+    assert rows_both["lora r=64 lr 0.001"]["ppl"] == rows["lora r=64"]["ppl"]
+    assert json.loads(out.read_text())["lora_lrs"] == [1e-3, 3e-3]
 
 
 def test_cloze_scoring_with_a_shared_prompt_cache_matches_whole_sequences():
