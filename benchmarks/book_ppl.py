@@ -38,6 +38,7 @@ from common import (
     apply_common,
     book_token_ids,
     figure_path,
+    learning_rates,
     load_model,
     print_table,
     set_work,
@@ -74,11 +75,18 @@ def chosen_lora_lr(args: argparse.Namespace) -> float:
     Raises:
         SystemExit: neither exists (the message says which run or option gives one).
     """
-    if args.lora_lr is not None:
-        return args.lora_lr
-    path = RESULTS / f"book_ppl{'_quick' * args.quick}.json"
+    return args.lora_lr if args.lora_lr is not None else swept_lora_lr(args.quick, "--lora-lr")
+
+
+def swept_lora_lr(quick: bool, option: str) -> float:
+    """The learning rate this benchmark's sweep chose, from its committed results (``--quick``'s when ``quick``).
+
+    Raises:
+        SystemExit: there are none (the message names the run to make, or ``option`` to give a rate).
+    """
+    path = RESULTS / f"book_ppl{'_quick' * quick}.json"
     if not path.exists():
-        raise SystemExit(f"error: no LoRA learning rate: run book_ppl.py{' --quick' * args.quick} or pass --lora-lr")
+        raise SystemExit(f"error: no LoRA learning rate: run book_ppl.py{' --quick' * quick} or pass {option}")
     return json.loads(path.read_text())["lora_lr_sweep"]["chosen"]
 
 
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_book in books:
         parser.error(f"--sweep-book {args.sweep_book} is also benchmarked; tune LoRA on a different novel")
     sweep = {}
-    for lr in (float(value) for value in args.lora_lrs.split(",")):
+    for lr in learning_rates(parser, "--lora-lrs", args.lora_lrs):
         spec = {**lora_spec(lr), "book": args.sweep_book, "tokens": sweep_tokens}
         sweep[lr] = completed(spec, args)["result"]["perplexity"]
     lora_lr = min(sweep, key=sweep.get)

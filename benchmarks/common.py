@@ -54,6 +54,22 @@ def apply_common(args: argparse.Namespace) -> None:
     _PLACEMENT.update(device=torch.device(args.device), dtype=DTYPES[args.dtype])
 
 
+def learning_rates(parser: argparse.ArgumentParser, option: str, text: str) -> list[float]:
+    """The comma-separated learning rates of ``option`` (``text``, e.g. ``"1e-3,5e-4"``), in order, repeats dropped; the
+    option itself stays a string in the results' record, so its command line reads as typed.
+
+    Raises:
+        SystemExit: (through ``parser.error``) an entry is not a positive number.
+    """
+    try:
+        rates = [float(value) for value in text.split(",")]
+    except ValueError:
+        rates = []
+    if not rates or not all(rate > 0 for rate in rates):
+        parser.error(f"{option} {text!r}: give comma-separated positive learning rates, e.g. 1e-3,5e-4")
+    return list(dict.fromkeys(rates))
+
+
 def placement_arguments(args: argparse.Namespace) -> list[str]:
     """The common options a child process must repeat to run as its parent does."""
     threads = ["--threads", str(args.threads)] if args.threads is not None else []

@@ -2,17 +2,16 @@
 memories of several widths and a TempLoRA-style LoRA, to see whether width starts to matter as the text grows (the
 paper's 200K-token books, Locas-GLU on Qwen3: r=16 19.14, r=64 19.04, r=128 19.02).
 
-Every method reads the book under `book_ppl.py`'s protocol and runs as its runs do (a process of its own, a
-`memorize()` checkpoint every 8 chunks in ``--work``, so a rerun of the same command resumes): no memory, Locas-GLU
-``top_k`` at each r of ``--ranks``, LoRA r=64 on all linear layers at the learning rate book_ppl.py's sweep chose
-(or at each rate of ``--lora-lr``, the rows then named by rate), and (unless ``--no-long-window``) the long window as
-a reference. Reported: the running prequential perplexity against the position in the book (the plot) and the
-perplexity of each ``--segment``-token stretch, so that a late stretch shows what a memory still gains after it has
-read a lot. Times are single runs, in the JSON only: ratios
-come from interleaved repeats (`steps_pareto.py`, `overhead.py`).
+Every method reads the book under `book_ppl.py`'s protocol and runs as its runs do (a process of its own, a `memorize()`
+checkpoint every 8 chunks in ``--work``, so a rerun of the same command resumes): no memory, Locas-GLU ``top_k`` at each
+r of ``--ranks``, LoRA r=64 on all linear layers at the learning rate book_ppl.py's sweep chose (or at each rate of
+``--lora-lrs``; with more than one, the rows are named by rate), and (unless ``--no-long-window``) the long window as a
+reference. Reported: the running prequential perplexity against the position in the book (the plot) and the perplexity
+of each ``--segment``-token stretch, so that a late stretch shows what a memory still gains after it has read a lot.
+Times are single runs, in the JSON only: ratios come from interleaved repeats (`steps_pareto.py`, `overhead.py`).
 
     python benchmarks/long_read.py [--quick] [--book emma] [--tokens 65536] [--ranks 16,64,256] [--threads 1]
-        [--lora-lr 1e-3,5e-4]
+        [--lora-lrs 1e-3,5e-4]
 """
 
 from __future__ import annotations
@@ -27,13 +26,21 @@ from book_ppl import (
     LONG_WINDOW,
     NO_MEMORY,
     add_protocol_arguments,
-    chosen_lora_lr,
     completed,
     locas_spec,
     lora_spec,
     plot,
+    swept_lora_lr,
 )
-from common import add_common_arguments, apply_common, figure_path, print_table, set_work, write_results
+from common import (
+    add_common_arguments,
+    apply_common,
+    figure_path,
+    learning_rates,
+    print_table,
+    set_work,
+    write_results,
+)
 
 
 def segment_perplexities(result: dict[str, Any], segment: int) -> list[float]:
@@ -96,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", default=None, help="Locas widths, comma-separated (default 16,64,256, quick 16,64)")
     parser.add_argument("--segment", type=int, default=None, help="tokens per reported stretch (default 16384)")
     parser.add_argument(
-        "--lora-lr",
+        "--lora-lrs",
         default=None,
-        help="LoRA learning rates, comma-separated (default: the one book_ppl.py's sweep chose)",
+        help="LoRA learning rates, comma-separated, a LoRA run each, named by rate when several (default: the one "
+        "book_ppl.py's sweep chose)",
     )
     parser.add_argument("--no-long-window", action="store_true", help="skip the long-window reference run")
     add_protocol_arguments(parser)
@@ -111,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--segment {segment} must be a multiple of --chunk {args.chunk} to split the chunks exactly")
     set_work(args, "long_read")
     started = time.perf_counter()
-    lora_lrs = [float(lr) for lr in args.lora_lr.split(",")] if args.lora_lr else [chosen_lora_lr(args)]
+    if args.lora_lrs is None:
+        lora_lrs = [swept_lora_lr(args.quick, "--lora-lrs")]
+    else:
+        lora_lrs = learning_rates(parser, "--lora-lrs", args.lora_lrs)
     records = [
         completed({**spec, "book": args.book, "tokens": tokens}, args)
         for spec in method_specs(ranks, lora_lrs, not args.no_long_window)

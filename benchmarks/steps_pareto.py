@@ -11,12 +11,17 @@ value to show it), times are medians over rounds with their range, and CPU time 
 
 The target (issue: "at most half of TempLoRA's time at equal perplexity"), evaluated by `report.py`'s
 `steps_target`: per book, the cheapest Locas setting whose perplexity is at or below LoRA's best takes at most 0.5x
-of the CPU time of LoRA's best setting (stretch 0.4x). Finished measurements are kept in ``--work``, so a rerun of
-the same command resumes where an interruption stopped. ``--jobs 2`` runs two measurements at a time (one per core
-with ``--threads 1``); each run records how many shared the machine (``jobs``). SIGTERM to this process stops it from
-starting new runs: the ones in flight finish and are kept, then it exits, ready to resume.
+of the time of LoRA's best setting, by CPU and by wall time (stretch 0.4x). Finished measurements are kept in
+``--work``, so a rerun of the same command resumes where an interruption stopped (with other settings it refuses to
+touch them: pass another ``--work``).
 
-    python benchmarks/steps_pareto.py [--quick] [--tokens 16384] [--steps 1,2,4] [--rounds 3] [--threads 1] [--jobs 1]
+``--jobs 2`` measures two runs at a time (with ``--threads 1``, one per core; the learning-rate sweeps still run one
+at a time). A run beside another takes longer, by CPU time too (shared caches and memory bandwidth), so each run
+records ``jobs``, the most runs measured at once while it ran, and the table shows them. SIGTERM or SIGINT to this
+process alone (its pid is printed first) stops it from starting new runs: the ones in flight finish and are kept,
+then it exits with status 1, ready to resume. Ctrl-C in a terminal signals the children too, and their runs are lost.
+
+    python benchmarks/steps_pareto.py [--quick] [--tokens 16384] [--steps 1,2,4] [--rounds 3] [--threads 1] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from common import (
     book_token_ids,
     figure_path,
     finish,
+    learning_rates,
     load_model,
     measure_in_child,
     placement_arguments,
@@ -79,32 +85,70 @@ def measure(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 class Runs:
     """Finished measurements in ``--work``, keyed by spec and round (a rerun of the same command resumes). Safe to call
-    from several threads: the file is rewritten, atomically, under a lock as each run finishes. Once ``stop`` is set
-    (SIGTERM), `get` starts no new run."""
+    from several threads: the file is rewritten, atomically, under a lock as each run finishes. Once ``stopping`` is
+    set (by a signal handler: a plain flag, since an `Event` takes a lock a second signal could wait on forever),
+    `get` starts no new run.
+
+    Raises:
+        SystemExit: ``--work`` holds runs measured with other settings, or another invocation is measuring into it.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         keys = ("model", "r", "lora_r", "chunk", "context", "seed", "threads", "device", "dtype")
         settings = {key: getattr(args, key) for key in keys}
         self.path = Path(args.work) / "steps_pareto_runs.json"
-        self.stored = json.loads(self.path.read_text()) if self.path.exists() else {}
-        if self.stored.get("settings") != settings:
-            self.stored = {"settings": settings, "runs": {}}
-        self.lock, self.stop = threading.Lock(), threading.Event()
+        self._hold_work(Path(args.work))
+        self.stored = json.loads(self.path.read_text()) if self.path.exists() else {"settings": settings, "runs": {}}
+        if self.stored["settings"] != settings:
+            there = self.stored["settings"]
+            differ = ", ".join(
+                f"--{key.replace('_', '-')} {there[key]}" if there.get(key) is not None else f"no --{key}"
+                for key in keys
+                if there.get(key) != settings[key]
+            )
+            raise SystemExit(
+                f"error: {self.path} holds runs measured with {differ}: rerun with those to resume them, or pass "
+                "another --work"
+            )
+        self.lock, self.stopping = threading.Lock(), False
+        self.in_flight: dict[str, int] = {}  # run key -> the most runs measured at once while it ran
+
+    def _hold_work(self, work: Path) -> None:
+        """An exclusive lock on ``work`` for this process's life: two invocations would overwrite each other's runs."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; one invocation per --work is then the user's to keep
+            return
+        self._lock_file = (work / "steps_pareto.lock").open("w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(
+                f"error: another steps_pareto.py is measuring into {work}: let it finish, or pass another --work"
+            ) from None
 
     def get(self, spec: dict[str, Any], round_index: int) -> dict[str, Any]:
         """The spec's measurement in that round, measured now in a child process unless stored.
 
         Raises:
-            SystemExit: ``stop`` is set and the run is not stored; or the child failed.
+            SystemExit: ``stopping`` is set and the run is not stored; or the child failed.
         """
         key = json.dumps({**spec, "round": round_index}, sort_keys=True)
         with self.lock:
             if key in self.stored["runs"]:
                 return self.stored["runs"][key]
-        if self.stop.is_set():
-            raise SystemExit(f"stopped on SIGTERM; finished runs are kept in {self.path}: rerun the command to resume")
-        run = {**self._child(spec), "jobs": self.args.jobs}
+            if self.stopping:
+                raise SystemExit(f"stopped by a signal; finished runs are kept in {self.path}: rerun to resume")
+            self.in_flight[key] = len(self.in_flight) + 1
+            for other in self.in_flight:
+                self.in_flight[other] = max(self.in_flight[other], len(self.in_flight))
+        try:
+            measured = self._child(spec)
+        finally:
+            with self.lock:
+                jobs = self.in_flight.pop(key)
+        run = {**measured, "jobs": jobs}
         with self.lock:
             self.stored["runs"][key] = run
             tmp = self.path.with_suffix(".tmp")
@@ -120,13 +164,14 @@ class Runs:
         return measure_in_child(__file__, arguments, f"the run {spec}")
 
 
-def sweep(runs: Runs, args: argparse.Namespace, steps: list[int], method: str, lrs: str) -> dict[int, dict[str, Any]]:
-    """``method``'s learning rate per step count, out of the comma-separated ``lrs``: lowest prequential perplexity on
-    the sweep book."""
+def sweep(
+    runs: Runs, args: argparse.Namespace, steps: list[int], method: str, lrs: list[float]
+) -> dict[int, dict[str, Any]]:
+    """``method``'s learning rate per step count, out of ``lrs``: lowest prequential perplexity on the sweep book."""
     chosen = {}
     for count in steps:
         by_lr = {}
-        for lr in (float(value) for value in lrs.split(",")):
+        for lr in lrs:
             spec = {"book": args.sweep_book, "tokens": args.sweep_tokens, "method": method, "steps": count, "lr": lr}
             by_lr[lr] = runs.get(spec, 0)["perplexity"]
         best = min(by_lr, key=by_lr.get)
@@ -140,14 +185,15 @@ def measure_all(runs: Runs, specs: list[dict[str, Any]], rounds: int, jobs: int)
     returns each spec's runs in round order.
 
     Raises:
-        SystemExit: a run failed, or SIGTERM stopped new runs; the runs in flight finish and are kept first.
+        SystemExit: a run failed, or a signal stopped new runs; the runs in flight finish and are kept first.
+        Exception: whatever else a worker raised (the first), once the others finish.
     """
     todo: queue.Queue[tuple[int, int]] = queue.Queue()
     for round_index in range(rounds):
         for index in range(len(specs)) if round_index % 2 == 0 else reversed(range(len(specs))):
             todo.put((round_index, index))
     done: dict[tuple[int, int], dict[str, Any]] = {}
-    errors: list[SystemExit] = []
+    errors: list[BaseException] = []
 
     def worker() -> None:
         while not errors:
@@ -157,7 +203,7 @@ def measure_all(runs: Runs, specs: list[dict[str, Any]], rounds: int, jobs: int)
                 return
             try:
                 run = done[round_index, index] = runs.get(specs[index], round_index)
-            except SystemExit as error:  # the other workers start nothing new; reported once they finish
+            except BaseException as error:  # the other workers start nothing new; raised once they finish
                 errors.append(error)
                 return
             print(
@@ -175,6 +221,15 @@ def measure_all(runs: Runs, specs: list[dict[str, Any]], rounds: int, jobs: int)
     if errors:
         raise errors[0]
     return {index: [done[round_index, index] for round_index in range(rounds)] for index in range(len(specs))}
+
+
+def stop_on_signals(runs: Runs) -> dict[int, Any]:
+    """SIGTERM and SIGINT set ``runs.stopping`` (no new run starts; those in flight finish and are kept); returns the
+    handlers they replace, by signal number."""
+    return {
+        stop: signal.signal(stop, lambda *_: setattr(runs, "stopping", True))
+        for stop in (signal.SIGTERM, signal.SIGINT)
+    }
 
 
 def summarise(spec: dict[str, Any], measured: list[dict[str, Any]]) -> dict[str, Any]:
@@ -242,7 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=512, help="tokens scored, then trained on, per chunk")
     parser.add_argument("--context", type=int, default=256, help="short window: prefix tokens given to each chunk")
     parser.add_argument("--work", default=None, help="finished measurements (default under ~/.cache)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs measured at a time (at most one per core)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs measured at a time, with --threads 1 at most one per core (SIGTERM to the printed pid stops after "
+        "the runs in flight)",
+    )
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args(argv)
     apply_common(args)
@@ -256,14 +317,28 @@ def main(argv: list[str] | None = None) -> int:
     books = args.books.split(",")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: measure at least one run at a time")
+    lora_lrs = learning_rates(parser, "--lora-lrs", args.lora_lrs)
+    locas_lrs = learning_rates(parser, "--locas-lrs", args.locas_lrs) if args.locas_lrs else None
+    cores = os.cpu_count() or 1
+    if args.jobs * (args.threads or cores) > cores:
+        print(
+            f"warning: --jobs {args.jobs} with {args.threads or 'all'} threads each asks for more than the {cores} "
+            "cores: the runs slow each other (give --threads 1 and at most one job per core)",
+            file=sys.stderr,
+        )
     if args.sweep_book in books:
         parser.error(f"--sweep-book {args.sweep_book} is also benchmarked; tune LoRA on a different novel")
     set_work(args, "steps_pareto")
     start_clock(args)
     runs = Runs(args)
-    signal.signal(signal.SIGTERM, lambda *_: runs.stop.set())
-    lora_sweep = sweep(runs, args, steps, "lora", args.lora_lrs)
-    locas_sweep = sweep(runs, args, steps, "locas", args.locas_lrs) if args.locas_lrs else None
+    stop_on_signals(runs)
+    print(
+        f"steps_pareto.py: pid {os.getpid()}, runs kept in {runs.path}; `kill {os.getpid()}` stops it after the "
+        "runs in flight",
+        flush=True,
+    )
+    lora_sweep = sweep(runs, args, steps, "lora", lora_lrs)
+    locas_sweep = sweep(runs, args, steps, "locas", locas_lrs) if locas_lrs else None
     specs = [
         {"book": book, "tokens": args.tokens, "method": method, "steps": count, "lr": lr}
         for book in books

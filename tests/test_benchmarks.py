@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -276,7 +277,7 @@ def test_long_read_smallest_mode(tmp_path):
     chunks' (their token-weighted mean loss recovers the whole read's); a rerun trains nothing again."""
     work, out = tmp_path / "work", tmp_path / "long_read.json"
     args = ["--tokens", "512", "--segment", "256", "--ranks", "4,16", "--chunk", "128", "--context", "64"]
-    args += ["--long-chunk", "128", "--lora-lr", "1e-3", "--work", str(work), "--out", str(out)]
+    args += ["--long-chunk", "128", "--lora-lrs", "1e-3", "--work", str(work), "--out", str(out)]
     first = run_benchmark("long_read.py", *args)
     assert "running locas r=16 top_k on emma (512 tokens)" in first.stdout
     result = json.loads(out.read_text())
@@ -298,7 +299,7 @@ def test_long_read_smallest_mode(tmp_path):
     run_benchmark("long_read.py", *args, "--no-long-window")
     assert json.loads(out.read_text())["rows"] == result["rows"][:-1]
     # a second LoRA rate: only its run is new, and the rows name both rates
-    both = run_benchmark("long_read.py", *args[:-6], "--lora-lr", "1e-3,3e-3", *args[-4:], "--no-long-window")
+    both = run_benchmark("long_read.py", *args[:-6], "--lora-lrs", "1e-3,3e-3,0.001", *args[-4:], "--no-long-window")
     assert both.stdout.count("running") == 1 and "running lora r=64 on emma" in both.stdout
     rows_both = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
     assert list(rows_both)[-2:] == ["lora r=64 lr 0.001", "lora r=64 lr 0.003"]
@@ -407,54 +408,124 @@ def steps_pareto(monkeypatch):
 
 
 class _Runs:
-    """Stands in for steps_pareto.Runs (its ``stop`` and ``get``): records the order of runs; ``on_run`` acts before
-    each is "measured"."""
+    """Stands in for steps_pareto.Runs (its ``stopping`` and ``get``): records the order of runs; ``on_run`` acts
+    before each is "measured"."""
 
     def __init__(self, on_run=lambda count: None):
-        self.on_run, self.order, self.stop = on_run, [], threading.Event()
+        self.on_run, self.order, self.stopping = on_run, [], False
 
     def get(self, spec, round_index):
-        if self.stop.is_set():
-            raise SystemExit("stopped on SIGTERM")
+        if self.stopping:
+            raise SystemExit("stopped by a signal")
         self.on_run(len(self.order))
         self.order.append((round_index, spec["name"]))
         return {"perplexity": 1.0, "seconds": 1.0, "cpu_seconds": 1.0}
 
 
-def test_steps_pareto_interleaves_and_stops_on_sigterm(steps_pareto):
-    """Rounds alternate direction; a SIGTERM during a run lets it finish and keeps it, then nothing new starts."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_steps_pareto_interleaves_and_stops_on_a_signal(steps_pareto, stop):
+    """Rounds alternate direction; a SIGTERM or SIGINT during a run lets it finish and keeps it, then nothing new
+    starts."""
     specs = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
     runs = _Runs()
     measured = steps_pareto.measure_all(runs, specs, rounds=2, jobs=1)
     assert runs.order == [(0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a")]
     assert all(len(measured[index]) == 2 for index in range(3))
 
-    def terminate_on_second(count):
+    def signal_on_second(count):
         if count == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert runs.stop.wait(10)  # the handler runs in the main thread; wait for it, as a long run would
+            os.kill(os.getpid(), stop)
+            for _ in range(1000):  # the handler runs in the main thread; wait for it, as a long run would
+                if runs.stopping:
+                    break
+                time.sleep(0.01)
 
-    runs = _Runs(terminate_on_second)
-    previous = signal.signal(signal.SIGTERM, lambda *_: runs.stop.set())
+    runs = _Runs(signal_on_second)
+    previous = steps_pareto.stop_on_signals(runs)
     try:
-        with pytest.raises(SystemExit, match="stopped on SIGTERM"):
+        with pytest.raises(SystemExit, match="stopped by a signal"):
             steps_pareto.measure_all(runs, specs, rounds=2, jobs=1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     assert len(runs.order) == 2  # the run in flight when the signal came finished; none started after it
 
 
+def test_steps_pareto_raises_a_workers_error_and_starts_nothing_after_it(steps_pareto):
+    def fail_on_second(count):
+        if count == 1:
+            raise RuntimeError("child output was not JSON")
+
+    runs = _Runs(fail_on_second)
+    with pytest.raises(RuntimeError, match="child output was not JSON"):
+        steps_pareto.measure_all(runs, [{"name": "a"}, {"name": "b"}, {"name": "c"}], rounds=1, jobs=1)
+    assert runs.order == [(0, "a")]
+
+
+_PARETO_SETTINGS = dict.fromkeys(("model", "r", "lora_r", "chunk", "context", "seed", "threads", "device", "dtype"), 1)
+
+
+def _pareto_args(work, **changed):
+    return argparse.Namespace(**{**_PARETO_SETTINGS, **changed}, work=str(work), jobs=1)
+
+
 def test_steps_pareto_runs_start_nothing_once_stopped(steps_pareto, tmp_path):
-    """After SIGTERM sets ``stop``, a stored run is still returned and an unmeasured one raises, naming the resume."""
-    keys = ("model", "r", "lora_r", "chunk", "context", "seed", "threads", "device", "dtype")
-    args = argparse.Namespace(**dict.fromkeys(keys, 1), work=str(tmp_path), jobs=1)
+    """Once ``stopping`` is set, a stored run is still returned and an unmeasured one raises, naming the resume."""
     spec = {"book": "persuasion", "method": "lora"}
     stored = {"perplexity": 2.0, "seconds": 1.0, "cpu_seconds": 1.0}
     key = json.dumps({**spec, "round": 0}, sort_keys=True)
-    settings = dict.fromkeys(keys, 1)
-    (tmp_path / "steps_pareto_runs.json").write_text(json.dumps({"settings": settings, "runs": {key: stored}}))
-    runs = steps_pareto.Runs(args)
-    runs.stop.set()
+    (tmp_path / "steps_pareto_runs.json").write_text(json.dumps({"settings": _PARETO_SETTINGS, "runs": {key: stored}}))
+    runs = steps_pareto.Runs(_pareto_args(tmp_path))
+    runs.stopping = True
     assert runs.get(spec, 0) == stored
-    with pytest.raises(SystemExit, match=r"stopped on SIGTERM; finished runs are kept in .*rerun the command"):
+    with pytest.raises(SystemExit, match=r"stopped by a signal; finished runs are kept in .*: rerun to resume"):
         runs.get(spec, 1)
+
+
+def test_steps_pareto_runs_refuse_other_settings_and_a_second_invocation(steps_pareto, tmp_path):
+    """Runs measured with other settings are refused, not overwritten; a second invocation on the same --work too."""
+    path = tmp_path / "steps_pareto_runs.json"
+    path.write_text(json.dumps({"settings": {**_PARETO_SETTINGS, "threads": None}, "runs": {"k": {}}}))
+    kept = path.read_text()
+    with pytest.raises(SystemExit, match=r"holds runs measured with no --threads: rerun with those to resume them, or"):
+        steps_pareto.Runs(_pareto_args(tmp_path))
+    assert path.read_text() == kept
+    first = steps_pareto.Runs(_pareto_args(tmp_path, threads=None))
+    with pytest.raises(SystemExit, match=r"another steps_pareto.py is measuring into .*: let it finish, or pass"):
+        steps_pareto.Runs(_pareto_args(tmp_path, threads=None))
+    first._lock_file.close()  # the first invocation ends: its lock goes with it
+    steps_pareto.Runs(_pareto_args(tmp_path, threads=None))
+
+
+def test_steps_pareto_runs_record_how_many_were_measured_at_once(steps_pareto, tmp_path, monkeypatch):
+    """Two runs overlapping record 2 each, the one after them alone records 1, whatever --jobs said."""
+    runs = steps_pareto.Runs(_pareto_args(tmp_path))
+    both_started = threading.Barrier(2, timeout=10)
+
+    def child(spec):
+        if spec["name"] != "alone":
+            both_started.wait()
+        return {"perplexity": 1.0, "seconds": 1.0, "cpu_seconds": 1.0}
+
+    monkeypatch.setattr(runs, "_child", child)
+    threads = [threading.Thread(target=runs.get, args=({"name": name}, 0)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert runs.get({"name": "alone"}, 0)["jobs"] == 1
+    stored = json.loads((tmp_path / "steps_pareto_runs.json").read_text())["runs"]
+    assert sorted(run["jobs"] for run in stored.values()) == [1, 2, 2]
+
+
+@pytest.mark.parametrize("text", ["", "1e-3,", "0,1e-3", "fast"])
+def test_learning_rates_refuse_what_is_not_a_list_of_positive_rates(monkeypatch, capsys, text):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from common import learning_rates
+
+    parser = argparse.ArgumentParser(prog="long_read.py")
+    assert learning_rates(parser, "--lora-lrs", "1e-3,5e-4,0.001") == [1e-3, 5e-4]
+    with pytest.raises(SystemExit):
+        learning_rates(parser, "--lora-lrs", text)
+    message = f"long_read.py: error: --lora-lrs {text!r}: give comma-separated positive learning rates, e.g. 1e-3,5e-4"
+    assert capsys.readouterr().err.splitlines()[-1] == message
