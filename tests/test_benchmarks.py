@@ -529,3 +529,34 @@ def test_learning_rates_refuse_what_is_not_a_list_of_positive_rates(monkeypatch,
         learning_rates(parser, "--lora-lrs", text)
     message = f"long_read.py: error: --lora-lrs {text!r}: give comma-separated positive learning rates, e.g. 1e-3,5e-4"
     assert capsys.readouterr().err.splitlines()[-1] == message
+
+
+def test_steps_pareto_measures_again_a_run_that_did_not_have_its_core(steps_pareto, tmp_path, monkeypatch):
+    """CPU time under 90% of wall time (one thread): measured again, at most three times in all, keeping the attempt
+    with the largest share of its core; a run stored from before is judged the same way on a resume."""
+    path = tmp_path / "steps_pareto_runs.json"
+    old = {"perplexity": 1.0, "seconds": 10.0, "cpu_seconds": 5.0}  # shared its core half the time
+    path.write_text(json.dumps({"settings": _PARETO_SETTINGS, "runs": {json.dumps({"name": "old", "round": 0}): old}}))
+    runs = steps_pareto.Runs(_pareto_args(tmp_path))
+    shares = {"old": [0.8, 0.95], "busy": [0.5, 0.7, 0.6, 0.99], "alone": [0.97]}
+    monkeypatch.setattr(
+        runs,
+        "_child",
+        lambda spec: {"perplexity": 1.0, "seconds": 10.0, "cpu_seconds": 10 * shares[spec["name"]].pop(0)},
+    )
+    assert runs.get({"name": "alone"}, 0) == {
+        "perplexity": 1.0,
+        "seconds": 10.0,
+        "cpu_seconds": 9.7,
+        "jobs": 1,
+        "attempts": 1,
+    }
+    busy = runs.get({"name": "busy"}, 0)
+    assert (busy["cpu_seconds"], busy["attempts"]) == (7.0, 3) and shares["busy"] == [0.99]  # the fourth never ran
+    resumed = runs.get({"name": "old"}, 0)
+    assert (resumed["cpu_seconds"], resumed["attempts"]) == (9.5, 3) and shares["old"] == []
+    stored = json.loads(path.read_text())["runs"]
+    assert stored[json.dumps({"name": "busy", "round": 0})] == busy
+    swept = {"perplexity": 1.0, "seconds": 10.0, "cpu_seconds": 1.0}  # a sweep's run: only its perplexity counts
+    runs.stored["runs"][json.dumps({"name": "sweep", "round": 0})] = swept
+    assert runs.get({"name": "sweep"}, 0, timed=False) == swept
