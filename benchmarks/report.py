@@ -381,10 +381,13 @@ def best_settings(book_ppl: dict[str, Any], pareto: dict[str, Any]) -> list[dict
     """Per book both benchmarks read, Locas r=64 ``top_k``'s and LoRA r=64's lowest perplexity over every setting
     either measured (book_ppl: 2 steps, Locas at the engine's 4e-3, LoRA at its sweep's rate; steps_pareto: 1/2/4
     steps at the swept rates), each as ``{"steps", "lr", "ppl"}``. Empty unless both read the same tokens the same
-    way (tokens per book, chunk, window, model, seed): only then are their perplexities the same measurement."""
-    protocol = ("chunk", "context", "model", "seed")
+    way (tokens per book, chunk, window, model, seed, device, dtype): only then are their perplexities the same
+    measurement."""
+    # book_ppl's first results recorded no device or dtype: they ran float32 on the CPU
+    protocol = {"chunk": None, "context": None, "model": None, "seed": None, "device": "cpu", "dtype": "float32"}
     same = pareto["tokens_per_book"] == book_ppl["tokens_per_book"] and all(
-        pareto["arguments"][key] == book_ppl["arguments"][key] for key in protocol
+        pareto["arguments"].get(key, default) == book_ppl["arguments"].get(key, default)
+        for key, default in protocol.items()
     )
     if not same or pareto["r"] != 64 or pareto["lora_r"] != 64:
         return []

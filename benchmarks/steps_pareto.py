@@ -17,12 +17,13 @@ touch them: pass another ``--work``).
 
 ``--jobs 2`` measures two runs at a time (with ``--threads 1``, one per core; the learning-rate sweeps still run one at
 a time). A run beside another takes longer, by CPU time too (shared caches and memory bandwidth), so each run records
-``jobs``, the most runs measured at once while it ran, and the table shows them. A run that had its cores for less than
-90% of its wall time (something else ran: CPU time over wall time times ``--threads``) is measured again, three times at
-most, keeping the attempt that had them most (``attempts`` in the JSON); stored runs too, on a resume. SIGTERM or SIGINT
-to this process alone (its pid is printed first) stops it from starting new runs: the ones in flight finish and are
-kept, then it exits with status 1, ready to resume. Ctrl-C in a terminal signals the children too, and their runs are
-lost.
+``jobs``, the most runs measured at once while it ran, and the table shows them. With ``--threads 1`` on the CPU, a
+timed run whose CPU time is less than 90% of its wall time (something else ran beside it) is measured again, three
+attempts in all at most, keeping the attempt that had its core most (``attempts`` in the JSON); a resume judges the
+stored runs the same way; the sweeps, which count only for their perplexity, are measured once. SIGTERM or SIGINT to
+this process alone (its pid is printed first) stops it from starting new runs or attempts: the ones in flight finish and
+are kept, then it exits with status 1, ready to resume (if every run had already started, it finishes instead). Ctrl-C
+in a terminal signals the children too, and their runs are lost.
 
     python benchmarks/steps_pareto.py [--quick] [--tokens 16384] [--steps 1,2,4] [--rounds 3] [--threads 1] [--jobs 2]
 """
@@ -164,6 +165,13 @@ class Runs:
             if stored is not None and self.core_share(stored) >= self.core_share(run):
                 run = stored  # the earlier attempt had its cores more
             run = {**run, "attempts": (stored.get("attempts", 1) if stored is not None else 0) + 1}
+            if not self.settled(run):
+                share = self.core_share({**measured, "jobs": jobs})
+                print(
+                    f"{spec} had its core for {share:.0%} of its wall time: measuring it again (attempt "
+                    f"{run['attempts'] + 1} of {MAX_ATTEMPTS})",
+                    flush=True,
+                )
             with self.lock:
                 self.stored["runs"][key] = run
                 tmp = self.path.with_suffix(".tmp")
@@ -171,9 +179,11 @@ class Runs:
                 os.replace(tmp, self.path)
 
     def core_share(self, run: dict[str, Any]) -> float:
-        """The run's CPU time over its wall time times ``--threads``: about 1 when it had its cores to itself (1.0
-        when ``--threads`` is not given: torch's thread count is then not fixed, so nothing is judged)."""
-        return run["cpu_seconds"] / (run["seconds"] * self.args.threads) if self.args.threads else 1.0
+        """The run's CPU time over its wall time: about 1 when a one-thread CPU run had its core to itself. Judged only
+        with ``--threads 1`` on the CPU (1.0 otherwise): with more threads a run's serial parts keep it below 1
+        alone, and on a GPU the CPU waits."""
+        judged = self.args.threads == 1 and self.args.device == "cpu"
+        return run["cpu_seconds"] / run["seconds"] if judged else 1.0
 
     def settled(self, run: dict[str, Any]) -> bool:
         return self.core_share(run) >= MIN_CORE_SHARE or run.get("attempts", 1) >= MAX_ATTEMPTS
@@ -225,8 +235,9 @@ def measure_all(runs: Runs, specs: list[dict[str, Any]], rounds: int, jobs: int)
                 return
             try:
                 run = done[round_index, index] = runs.get(specs[index], round_index)
-            except BaseException as error:  # the other workers start nothing new; raised once they finish
+            except BaseException as error:  # raised once the others finish, which start nothing new, no repeat either
                 errors.append(error)
+                runs.stopping = True
                 return
             print(
                 f"round {round_index + 1}/{rounds}, {specs[index]}: ppl {run['perplexity']:.3f}, "
@@ -341,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs {args.jobs}: measure at least one run at a time")
     lora_lrs = learning_rates(parser, "--lora-lrs", args.lora_lrs)
     locas_lrs = learning_rates(parser, "--locas-lrs", args.locas_lrs) if args.locas_lrs else None
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if args.jobs * (args.threads or cores) > cores:
         print(
             f"warning: --jobs {args.jobs} with {args.threads or 'all'} threads each asks for more than the {cores} "
