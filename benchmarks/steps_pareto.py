@@ -166,10 +166,9 @@ class Runs:
                 run = stored  # the earlier attempt had its cores more
             run = {**run, "attempts": (stored.get("attempts", 1) if stored is not None else 0) + 1}
             if not self.settled(run):
-                share = self.core_share({**measured, "jobs": jobs})
                 print(
-                    f"{spec} had its core for {share:.0%} of its wall time: measuring it again (attempt "
-                    f"{run['attempts'] + 1} of {MAX_ATTEMPTS})",
+                    f"{spec} had its core for {self.core_share(measured):.0%} of its wall time: measuring it again "
+                    f"(attempt {run['attempts'] + 1} of {MAX_ATTEMPTS})",
                     flush=True,
                 )
             with self.lock:

@@ -157,9 +157,14 @@ def test_steps_target_picks_the_cheapest_locas_setting_at_or_below_loras_best():
     assert "no Locas setting reaches LoRA's best perplexity 19.00" in missed["summary"]
 
 
-def test_steps_pareto_page_says_which_runs_shared_the_machine(monkeypatch):
-    """Runs measured one at a time (or before --jobs existed) add no column; two at a time show it round by round."""
+@pytest.fixture
+def benchmarks_importable(monkeypatch):
+    """The benchmark scripts importable as modules (``report``, ``common``, ...), for this test only."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+
+def test_steps_pareto_page_says_which_runs_shared_the_machine(benchmarks_importable):
+    """Runs measured one at a time (or before --jobs existed) add no column; two at a time show it round by round."""
     from report import steps_pareto_tables
 
     result = json.loads((BENCHMARKS / "results" / "steps_pareto.json").read_text())
@@ -172,9 +177,17 @@ def test_steps_pareto_page_says_which_runs_shared_the_machine(monkeypatch):
     assert "| runs at a time |" in page and page.count("| 1, 2, 2 |") == len(result["rows"])
 
 
-def test_best_settings_compare_book_ppl_and_steps_pareto_only_on_the_same_reading(monkeypatch):
+def test_report_renders_the_engines_locas_rate(benchmarks_importable):
+    """report.py names the engine's default Locas learning rate without importing torch; it must stay the engine's."""
+    from report import ENGINE_LOCAS_LR
+
+    from peft_locas.engine.memorization import RECIPES
+
+    assert ENGINE_LOCAS_LR == RECIPES["locas"]["lr"]
+
+
+def test_best_settings_compare_book_ppl_and_steps_pareto_only_on_the_same_reading(benchmarks_importable):
     """Each method's best perplexity over both benchmarks' settings, and nothing when they read different tokens."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
     from report import best_settings, targets_table
 
     results = {
@@ -403,8 +416,7 @@ def test_asking_benchmark_smallest_mode(tmp_path):
 
 
 @pytest.fixture
-def steps_pareto(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
+def steps_pareto(benchmarks_importable):
     import steps_pareto
 
     return steps_pareto
@@ -523,8 +535,7 @@ def test_steps_pareto_runs_record_how_many_were_measured_at_once(steps_pareto, t
 
 
 @pytest.mark.parametrize("text", ["", "1e-3,", "0,1e-3", "fast"])
-def test_learning_rates_refuse_what_is_not_a_list_of_positive_rates(monkeypatch, capsys, text):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
+def test_learning_rates_refuse_what_is_not_a_list_of_positive_rates(benchmarks_importable, capsys, text):
     from common import learning_rates
 
     parser = argparse.ArgumentParser(prog="long_read.py")
