@@ -262,10 +262,11 @@ def steps_pareto_tables(result: dict[str, Any]) -> str:
     # runs measured two at a time (--jobs 2) say so, round by round; runs from before --jobs ran one at a time
     if any(run.get("jobs", 1) != 1 for row in result["rows"] for run in row["runs"]):
         columns["runs at a time"] = lambda runs: ", ".join(str(run.get("jobs", 1)) for run in runs)
+    locas_lr = "lr swept per step count" if "locas_lr_sweep" in result else f"lr {ENGINE_LOCAS_LR:g}"
     parts = [
         source_line(result, "steps_pareto"),
         f"\nFirst {result['tokens_per_book']:,} tokens of each book, Locas r={result['r']} `top_k` "
-        f"({'lr swept per step count' if 'locas_lr_sweep' in result else 'lr 4e-3'}) and LoRA r={result['lora_r']} "
+        f"({locas_lr}) and LoRA r={result['lora_r']} "
         f"(lr swept per step count), {result['rounds']} interleaved rounds (median time; wall range over rounds):\n",
     ]
     for book in dict.fromkeys(row["book"] for row in result["rows"]):

@@ -4,7 +4,9 @@ optimiser steps per chunk, on real novels read with a short window (`book_ppl.py
 Locas r=``--r`` ``top_k`` runs at its engine default learning rate (or, with ``--locas-lrs``, at the rate a sweep
 picks as for LoRA); LoRA r=64 (TempLoRA's recipe) at the learning
 rate a sweep picks *for each step count* (``--lora-lrs`` on ``--sweep-book``, a novel not benchmarked, lowest
-prequential perplexity wins), since a step count can move LoRA's best rate. Every (book, method, steps) run is a
+prequential perplexity wins), since a step count can move LoRA's best rate. ``--methods`` chooses the adapters
+(default ``locas,lora``); ``lora_mlp``, the same LoRA on the MLP projections only (where a Locas memory sits), is an
+ablation swept as LoRA is, asking whether LoRA's edge comes from adapting attention. Every (book, method, steps) run is a
 child process; the methods alternate in ``--rounds`` interleaved rounds (the order flips every round), so drift on a
 shared machine hits all alike. Perplexity is deterministic (every round gives the same; the JSON keeps each round's
 value to show it), times are medians over rounds with their range, and CPU time is reported beside wall time.
@@ -31,6 +33,7 @@ in a terminal signals the children too, and their runs are lost.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import queue
@@ -64,16 +67,22 @@ MIN_CORE_SHARE = 0.9
 #: how many times such a run is measured in all before the attempt with the largest share is kept
 MAX_ATTEMPTS = 3
 COLUMNS = ["book", "method", "steps", "lr", "ppl", "wall s", "wall range", "CPU s", "tok/s", "jobs"]
+#: the benchmark model's (SmolLM2, a Llama) MLP projections: the layers a Locas memory sits beside
+MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
+#: the adapters compared, by ``--methods`` name: Locas r=``--r`` (data-driven init), TempLoRA's LoRA r=``--lora-r`` on
+#: every linear layer, and the same LoRA on the MLP projections only (an ablation: is LoRA's edge its attention?)
+ADAPTERS = {
+    "locas": lambda args: LocasConfig(r=args.r, init_weights="data"),
+    "lora": lambda args: templora_config(args.lora_r),
+    "lora_mlp": lambda args: dataclasses.replace(templora_config(args.lora_r), target_modules=MLP_PROJECTIONS),
+}
 
 
 def measure(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """One run in this process: memorise the spec's book with its method and steps; perplexity and times."""
     model, tokenizer = load_model(args.model)
     ids = book_token_ids(tokenizer, spec["book"], spec["tokens"])
-    if spec["method"] == "locas":
-        peft_config = LocasConfig(r=args.r, init_weights="data")
-    else:
-        peft_config = templora_config(args.lora_r)
+    peft_config = ADAPTERS[spec["method"]](args)
     config = MemorizeConfig(
         chunk_tokens=args.chunk,
         context_tokens=args.context,
@@ -211,6 +220,11 @@ def sweep(
     return chosen
 
 
+def chosen_lr(sweeps: dict[str, dict[int, dict[str, Any]]], method: str, steps: int) -> float | None:
+    """The rate ``method``'s sweep chose for ``steps`` per chunk; ``None`` (the engine's default) when not swept."""
+    return sweeps[method][steps]["chosen"] if method in sweeps else None
+
+
 def measure_all(runs: Runs, specs: list[dict[str, Any]], rounds: int, jobs: int) -> dict[int, list[dict[str, Any]]]:
     """Every spec once per round, methods alternating and the order flipped every round, ``jobs`` runs at a time;
     returns each spec's runs in round order.
@@ -292,7 +306,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure = Figure(figsize=(5.5 * len(books), 4.5), dpi=110, layout="constrained")
     axes = figure.subplots(1, len(books), squeeze=False)[0]
     for ax, book in zip(axes, books, strict=True):
-        for index, method in enumerate(("locas", "lora")):
+        for index, method in enumerate(dict.fromkeys(row["method"] for row in rows)):
             points = sorted(
                 (row["CPU s"], row["ppl"], row["steps"])
                 for row in rows
@@ -318,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
     parser.add_argument("--r", type=int, default=64, help="Locas memory width")
     parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
+    parser.add_argument(
+        "--methods",
+        default="locas,lora",
+        help=f"adapters compared, of {', '.join(ADAPTERS)} (lora_mlp: LoRA on the MLP only, swept as LoRA is)",
+    )
     parser.add_argument("--sweep-book", default="northanger_abbey", help="novel for LoRA's learning-rate sweeps")
     parser.add_argument("--sweep-tokens", type=int, default=None, help="default 2048, quick 512")
     parser.add_argument("--lora-lrs", default="5e-4,1e-3,2e-3", help="LoRA learning rates tried per step count")
@@ -347,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = [int(value) for value in (args.steps or ("1,2" if args.quick else "1,2,4")).split(",")]
     rounds = args.rounds or (1 if args.quick else 3)
     books = args.books.split(",")
+    methods = args.methods.split(",")
+    unknown = [method for method in methods if method not in ADAPTERS]
+    if unknown or len(set(methods)) != len(methods):
+        parser.error(f"--methods {args.methods}: give each of {', '.join(ADAPTERS)} at most once")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: measure at least one run at a time")
     lora_lrs = learning_rates(parser, "--lora-lrs", args.lora_lrs)
@@ -369,28 +392,27 @@ def main(argv: list[str] | None = None) -> int:
         "runs in flight",
         flush=True,
     )
-    lora_sweep = sweep(runs, args, steps, "lora", lora_lrs)
-    locas_sweep = sweep(runs, args, steps, "locas", locas_lrs) if locas_lrs else None
+    # every LoRA variant is swept over --lora-lrs; Locas over --locas-lrs, or runs at the engine's rate
+    sweeps = {
+        method: sweep(runs, args, steps, method, locas_lrs if method == "locas" else lora_lrs)
+        for method in methods
+        if method != "locas" or locas_lrs
+    }
     specs = [
-        {"book": book, "tokens": args.tokens, "method": method, "steps": count, "lr": lr}
+        {"book": book, "tokens": args.tokens, "method": method, "steps": count, "lr": chosen_lr(sweeps, method, count)}
         for book in books
         for count in steps
-        for method, lr in (
-            ("locas", locas_sweep[count]["chosen"] if locas_sweep else None),
-            ("lora", lora_sweep[count]["chosen"]),
-        )
+        for method in methods
     ]
     measured = measure_all(runs, specs, rounds, args.jobs)
     rows = [summarise(spec, measured[index]) for index, spec in enumerate(specs)]
-    targets = [steps_target(book, rows) for book in books]
+    targets = [steps_target(book, rows) for book in books] if {"locas", "lora"} <= set(methods) else []
     for target in targets:
         print(target["summary"])
     figure = figure_path("steps_pareto", args)
     plot(rows, figure)
     extra = {"tokens_per_book": args.tokens, "rounds": rounds, "r": args.r, "lora_r": args.lora_r, "plot": figure.name}
-    extra |= {"lora_lr_sweep": lora_sweep, "targets": targets}
-    if locas_sweep:
-        extra["locas_lr_sweep"] = locas_sweep
+    extra |= {f"{method}_lr_sweep": chosen for method, chosen in sweeps.items()} | {"targets": targets}
     return finish("steps_pareto", args, rows, COLUMNS, extra)
 
 

@@ -139,6 +139,40 @@ def test_steps_pareto_smallest_mode(tmp_path):
     assert json.loads(out.read_text())["rows"] == rows
 
 
+def test_steps_pareto_lora_on_the_mlp_only(tmp_path, benchmarks_importable):
+    """``--methods lora_mlp`` sweeps and measures TempLoRA's LoRA on the MLP projections alone (no target without both
+    Locas and LoRA); its adapter holds LoRA weights beside the MLP's projections and nowhere else."""
+    from common import load_model
+    from peft import get_peft_model
+    from steps_pareto import ADAPTERS
+
+    out = tmp_path / "pareto.json"
+    protocol = ["--tokens", "64", "--chunk", "32", "--context", "8", "--lora-r", "4", "--steps", "1", "--rounds", "1"]
+    protocol += ["--sweep-tokens", "64", "--lora-lrs", "1e-3", "--methods", "lora_mlp", "--books", "persuasion"]
+    protocol += ["--work", str(tmp_path / "w")]
+    run_benchmark("steps_pareto.py", "--out", str(out), *protocol)
+    result = json.loads(out.read_text())
+    assert [(row["method"], row["lr"]) for row in result["rows"]] == [("lora_mlp", 1e-3)]
+    assert "lora_mlp_lr_sweep" in result and "lora_lr_sweep" not in result and result["targets"] == []
+    model = get_peft_model(load_model("tiny")[0], ADAPTERS["lora_mlp"](argparse.Namespace(lora_r=4)))
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    layers = model.config.num_hidden_layers
+    assert len(adapted) == 3 * layers and all(".mlp." in name for name in adapted)
+
+
+def test_steps_pareto_refuses_unknown_methods(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "steps_pareto.py"), "--methods", "locas,dora", "--work", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=BENCHMARKS,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith(
+        "--methods locas,dora: give each of locas, lora, lora_mlp at most once"
+    )
+
+
 def test_steps_target_picks_the_cheapest_locas_setting_at_or_below_loras_best():
     sys.path.insert(0, str(BENCHMARKS))
     from report import steps_target
