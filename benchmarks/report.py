@@ -314,12 +314,16 @@ def targets_table(results: dict[str, dict[str, Any]]) -> str:
     def add(target: str, measured: str, met: bool) -> None:
         rows.append({"target": target, "measured": measured, "met": "yes" if met else "**no**"})
 
-    for book, table_rows in results["book_ppl"]["tables"].items():
+    book_ppl = results["book_ppl"]
+    # the rates book_ppl compares at: its LoRA rate comes from a coarser sweep than steps_pareto's (rows below)
+    setting = f"{steps({'steps': int(book_ppl['arguments']['steps'])})}, Locas lr {ENGINE_LOCAS_LR:g}, LoRA lr "
+    setting += f"{book_ppl['lora_lr_sweep']['chosen']:g}"
+    for book, table_rows in book_ppl["tables"].items():
         by = {row["method"]: row for row in table_rows}
         locas, lora, gaussian = by["locas r=64 top_k"], by["lora r=64"], by["locas r=64 gaussian"]
         name = title(book)
         add(
-            f"{name}: Locas r=64 PPL <= LoRA r=64",
+            f"{name}: Locas r=64 PPL <= LoRA r=64 (book_ppl: {setting})",
             f"{locas['ppl']:.2f} vs {lora['ppl']:.2f}",
             locas["ppl"] <= lora["ppl"],
         )
