@@ -6,9 +6,9 @@ picks as for LoRA); LoRA r=64 (TempLoRA's recipe) at the learning
 rate a sweep picks *for each step count* (``--lora-lrs`` on ``--sweep-book``, a novel not benchmarked, lowest
 prequential perplexity wins), since a step count can move LoRA's best rate. ``--methods`` chooses the adapters
 (default ``locas,lora``); ``lora_mlp``, the same LoRA on the MLP projections only (where a Locas memory sits), is an
-ablation swept as LoRA is, asking whether LoRA's edge comes from adapting attention. Every (book, method, steps) run is a
-child process; the methods alternate in ``--rounds`` interleaved rounds (the order flips every round), so drift on a
-shared machine hits all alike. Perplexity is deterministic (every round gives the same; the JSON keeps each round's
+ablation swept as LoRA is, asking whether LoRA's edge comes from adapting attention. Every (book, method, steps) run
+is a child process; the methods alternate in ``--rounds`` interleaved rounds (the order flips every round), so drift
+on a shared machine hits all alike. Perplexity is deterministic (every round gives the same; the JSON keeps each round's
 value to show it), times are medians over rounds with their range, and CPU time is reported beside wall time.
 
 The target (issue: "at most half of TempLoRA's time at equal perplexity"), evaluated by `report.py`'s
@@ -337,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         default="locas,lora",
         help=f"adapters compared, of {', '.join(ADAPTERS)} (lora_mlp: LoRA on the MLP only, swept as LoRA is)",
     )
-    parser.add_argument("--sweep-book", default="northanger_abbey", help="novel for LoRA's learning-rate sweeps")
+    parser.add_argument(
+        "--sweep-book",
+        default="northanger_abbey",
+        help="novel for the learning-rate sweeps (LoRA's, and Locas's with --locas-lrs)",
+    )
     parser.add_argument("--sweep-tokens", type=int, default=None, help="default 2048, quick 512")
     parser.add_argument("--lora-lrs", default="5e-4,1e-3,2e-3", help="LoRA learning rates tried per step count")
     parser.add_argument(
