@@ -44,8 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from book_ppl import swept_lora_lr
 from common import (
-    RESULTS,
     add_common_arguments,
     apply_common,
     figure_path,
@@ -374,14 +374,15 @@ def model_folder(args: argparse.Namespace) -> Path:
 
 
 def chosen_lora_lr(args: argparse.Namespace) -> tuple[float, str]:
-    """``--lora-lr``, else the learning rate book_ppl.py's sweep chose, else 1e-3 (and where it came from)."""
+    """``--lora-lr``, else the learning rate book_ppl.py's full sweep chose (so locomo judges the LoRA the books
+    judged), and where it came from.
+
+    Raises:
+        SystemExit: neither exists (the message names the run to make or the option to give).
+    """
     if args.lora_lr is not None:
         return args.lora_lr, "--lora-lr"
-    path = RESULTS / "book_ppl.json"
-    if path.exists():
-        return float(json.loads(path.read_text())["lora_lr_sweep"]["chosen"]), "book_ppl.json's sweep"
-    print("no benchmarks/results/book_ppl.json: LoRA at lr 1e-3 (book_ppl's last choice); pass --lora-lr", flush=True)
-    return 1e-3, "fallback 1e-3 (no book_ppl.json)"
+    return swept_lora_lr(False, "--lora-lr"), "book_ppl.json's sweep"
 
 
 # ---------------------------------------------------------------------------------------------------- one conversation

@@ -308,6 +308,19 @@ def test_stratified_selection_balances_categories():
     assert locomo.stratified(questions, 50, 0) == questions
 
 
+def test_lora_rate_comes_from_the_option_or_book_ppl_sweep_and_never_a_silent_default(tmp_path, monkeypatch):
+    import argparse
+
+    locomo = benchmark_module("locomo")
+    book_ppl = sys.modules["book_ppl"]
+    monkeypatch.setattr(book_ppl, "RESULTS", tmp_path)
+    assert locomo.chosen_lora_lr(argparse.Namespace(lora_lr=2e-4)) == (2e-4, "--lora-lr")
+    with pytest.raises(SystemExit, match=r"^error: no LoRA learning rate: run book_ppl.py or pass --lora-lr$"):
+        locomo.chosen_lora_lr(argparse.Namespace(lora_lr=None))
+    (tmp_path / "book_ppl.json").write_text(json.dumps({"lora_lr_sweep": {"chosen": 5e-4}}))
+    assert locomo.chosen_lora_lr(argparse.Namespace(lora_lr=None)) == (5e-4, "book_ppl.json's sweep")
+
+
 def test_probe_is_deterministic_and_every_answer_is_in_its_evidence(tmp_path):
     from peft_locas.recall.dialogue import load_conversation, render_conversation
 
