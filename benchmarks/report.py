@@ -295,7 +295,7 @@ def long_read_table(result: dict[str, Any]) -> str:
     """Perplexity of the whole read and of each stretch of it, per method (times are single runs: not shown)."""
     stretches = [key for key in result["rows"][0] if key.startswith("ppl ")]
     columns = {"method": None, "ppl": fixed(2), **dict.fromkeys(stretches, fixed(2)), "extra params": millions}
-    rates = " and ".join(f"{lr:g}" for lr in result.get("lora_lrs", [result.get("lora_lr")]))  # one rate before
+    rates = " and ".join(f"{lr:g}" for lr in result["lora_lrs"])
     return (
         source_line(result, "long_read")
         + f"\n**{title(result['book'])}**, first {result['tokens']:,} tokens (whole read, then each "
